@@ -1,0 +1,166 @@
+"""The batch plan: split a global batch exactly into micro-batch x accumulation x world size.
+
+Glossary (used everywhere in dist_trainer):
+- global batch: samples that make one optimizer step, summed over all workers.
+- per-worker batch: the share of one worker (one rank) in an optimizer step.
+- micro-batch: what one worker pushes through forward/backward at once (bounded by memory).
+- accumulation steps: micro-steps per optimizer step on each worker.
+- optimizer step vs micro-step: gradients are synchronized and applied once per optimizer step.
+
+    global_batch_size == micro_batch_size * accumulation_steps * world_size   (always, exactly)
+
+DeepSpeed asserts this triad and leaves the user to find numbers that fit; Determined silently drops
+the remainder. Here the user states the global batch and a memory cap on the micro-batch; the plan
+solves the rest, or refuses with the nearest global batch sizes that do split well.
+
+Pure Python: no torch, no Ray, so it is cheap to import and table-tested.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["BatchPlan", "BatchPlanError", "plan_batches", "nearest_valid_global_batch_sizes"]
+
+
+class BatchPlanError(ValueError):
+    """The global batch cannot be split well for this world size and micro-batch cap."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """An exact split of the global batch.
+
+    Args:
+        global_batch_size: samples per optimizer step over all workers.
+        world_size: number of workers (ranks) taking part in data parallelism.
+        micro_batch_size: samples per forward/backward on one worker.
+        accumulation_steps: micro-steps per optimizer step on each worker.
+    """
+
+    global_batch_size: int
+    world_size: int
+    micro_batch_size: int
+    accumulation_steps: int
+
+    def __post_init__(self) -> None:
+        product = self.micro_batch_size * self.accumulation_steps * self.world_size
+        if product != self.global_batch_size:
+            raise BatchPlanError(
+                f"global batch {self.global_batch_size} != micro-batch {self.micro_batch_size} x "
+                f"accumulation {self.accumulation_steps} x world size {self.world_size} = {product}"
+            )
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        """Samples one worker contributes to each optimizer step."""
+        return self.micro_batch_size * self.accumulation_steps
+
+    def as_params(self) -> dict[str, int]:
+        """The plan as flat MLflow params (`plan.*`)."""
+        return {
+            "plan.global_batch_size": self.global_batch_size,
+            "plan.world_size": self.world_size,
+            "plan.micro_batch_size": self.micro_batch_size,
+            "plan.accumulation_steps": self.accumulation_steps,
+            "plan.per_worker_batch_size": self.per_worker_batch_size,
+        }
+
+    def describe(self) -> str:
+        """One line a user reads at start: what a step really is."""
+        return (
+            f"global batch {self.global_batch_size} = micro-batch {self.micro_batch_size} x "
+            f"{self.accumulation_steps} accumulation step(s) x {self.world_size} worker(s)"
+        )
+
+
+def _solve(global_batch_size: int, world_size: int, max_micro: int | None) -> BatchPlan | None:
+    """The plan with the fewest accumulation steps, or None if no efficient split exists.
+
+    Efficient means the micro-batch is at least half the cap: a prime per-worker batch would
+    otherwise "split" into micro-batches of 1 and run tens of times slower without a word.
+    """
+    if global_batch_size % world_size:
+        return None
+    per_worker = global_batch_size // world_size
+    if max_micro is None or max_micro >= per_worker:
+        return BatchPlan(global_batch_size, world_size, per_worker, 1)
+    fewest_steps = math.ceil(per_worker / max_micro)
+    for steps in range(fewest_steps, per_worker + 1):
+        if per_worker % steps == 0:
+            micro = per_worker // steps
+            if 2 * micro < max_micro:
+                return None
+            return BatchPlan(global_batch_size, world_size, micro, steps)
+    return None  # pragma: no cover - steps == per_worker always divides
+
+
+def nearest_valid_global_batch_sizes(
+    global_batch_size: int, world_size: int, max_micro_batch_size: int | None, count: int = 4
+) -> list[int]:
+    """Up to `count` global batch sizes closest to the request that split efficiently."""
+    found: list[int] = []
+    for distance in range(1, 64 * world_size * max(1, max_micro_batch_size or 1)):
+        for candidate in (global_batch_size - distance, global_batch_size + distance):
+            if candidate >= world_size and _solve(candidate, world_size, max_micro_batch_size):
+                found.append(candidate)
+        if len(found) >= count:
+            break
+    return sorted(found[:count])
+
+
+def plan_batches(
+    global_batch_size: int, world_size: int, max_micro_batch_size: int | None = None
+) -> BatchPlan:
+    """Solve micro-batch x accumulation x world size == global batch, exactly.
+
+    Args:
+        global_batch_size: samples per optimizer step over all workers (`trainer.global_batch_size`).
+        world_size: number of workers (`scaling.num_workers`).
+        max_micro_batch_size: the largest micro-batch one worker can hold
+            (`trainer.max_micro_batch_size`); None means no cap (one micro-step per step).
+
+    Returns:
+        The plan with the fewest accumulation steps whose micro-batch fits under the cap.
+
+    Raises:
+        BatchPlanError: the sizes are not positive, the global batch does not divide by the world
+            size, or only a wasteful split exists; the message lists the nearest sizes that work.
+    """
+    for key, value in (
+        ("trainer.global_batch_size", global_batch_size),
+        ("scaling.num_workers", world_size),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise BatchPlanError(f"{key} must be a positive integer, got {value!r}")
+    if max_micro_batch_size is not None and (
+        not isinstance(max_micro_batch_size, int) or max_micro_batch_size < 1
+    ):
+        raise BatchPlanError(
+            "trainer.max_micro_batch_size must be a positive integer or 'auto', "
+            f"got {max_micro_batch_size!r}"
+        )
+    plan = _solve(global_batch_size, world_size, max_micro_batch_size)
+    if plan is not None:
+        return plan
+    nearest = nearest_valid_global_batch_sizes(global_batch_size, world_size, max_micro_batch_size)
+    options = ", ".join(
+        f"{g} ({_solve(g, world_size, max_micro_batch_size).describe()})"  # type: ignore[union-attr]
+        for g in nearest
+    )
+    if global_batch_size % world_size:
+        why = f"it does not divide by {world_size} workers"
+    else:
+        per_worker = global_batch_size // world_size
+        why = (
+            f"the per-worker batch {per_worker} has no divisor between "
+            f"{math.ceil(max_micro_batch_size / 2)} and trainer.max_micro_batch_size="  # type: ignore[operator]
+            f"{max_micro_batch_size}, so micro-batches would be tiny"
+        )
+    raise BatchPlanError(
+        f"trainer.global_batch_size={global_batch_size} cannot be split exactly: {why}. "
+        f"Nearest valid global batch sizes: {options}. "
+        "Set trainer.global_batch_size to one of them (or change scaling.num_workers / "
+        "trainer.max_micro_batch_size)."
+    )

@@ -1,0 +1,78 @@
+"""`dist-trainer <verb>`: the command line.
+
+    dist-trainer train [hydra overrides]        one job (add -m for a sweep, --cfg job to print it)
+    dist-trainer bench-comm [hydra overrides]   all-reduce sweep on the training worker set-up
+
+Each verb is a Hydra app over conf/, so overrides, `-m` sweeps and `--cfg job` work the same
+everywhere. `train(cfg)` itself lives in dist_trainer.driver; this module only parses and
+reports errors the way a user should see them: one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from dist_trainer.config import ConfigError, register_configs
+
+__all__ = ["main"]
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+_USAGE = """usage: dist-trainer <verb> [hydra overrides]
+
+verbs:
+  train        run a training job (Ray Train DDP workers, one MLflow run)
+  bench-comm   measure all-reduce time and bandwidth over message sizes
+
+examples:
+  dist-trainer train
+  dist-trainer train model=cnn data=digits trainer.global_batch_size=128
+  dist-trainer train -m trainer.global_batch_size=32,128
+  dist-trainer train --cfg job
+"""
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
+def _train_app(cfg: DictConfig) -> float | None:
+    from dist_trainer.driver import train
+
+    result = train(cfg)
+    # Returned to Hydra so sweepers (e.g. Optuna) can optimize it.
+    return result.metrics.get("val/loss")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
+def _bench_comm_app(cfg: DictConfig) -> None:
+    from dist_trainer.bench_comm import run_bench_comm
+
+    run_bench_comm(cfg)
+
+
+_VERBS = {"train": _train_app, "bench-comm": _bench_comm_app}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_USAGE)
+        return 0
+    verb, rest = args[0], args[1:]
+    if verb not in _VERBS:
+        print(f"dist-trainer: unknown verb {verb!r}\n\n{_USAGE}", file=sys.stderr)
+        return 2
+    register_configs()
+    sys.argv = [f"dist-trainer {verb}", *rest]  # Hydra reads sys.argv
+    try:
+        _VERBS[verb]()
+    except ConfigError as exc:
+        print(f"dist-trainer: config error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Structured configs behind conf/: every field documented where it is defined, checked on load.
+
+The YAML groups in conf/ (model, data, optim, trainer, scaling, tracking, experiment) are merged
+onto these dataclasses by Hydra. `model` and `data` stay open dictionaries with a `_target_`
+(an import path) so users can plug in their own classes; everything else is typed, and
+`resolve_config` turns a composed config into checked dataclasses, raising `ConfigError` that
+names the key and the fix before anything starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = [
+    "CommConfig",
+    "ConfigError",
+    "JobConfig",
+    "OptimConfig",
+    "ScalingConfig",
+    "TelemetryConfig",
+    "TrackingConfig",
+    "TrainerConfig",
+    "flatten",
+    "import_target",
+    "register_configs",
+    "resolve_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and how to fix it."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class TrainerConfig:
+    """How the training loop runs (`trainer.*`)."""
+
+    global_batch_size: int = 64
+    """Samples per optimizer step, summed over all workers. The plan splits it exactly."""
+    max_micro_batch_size: Any = "auto"
+    """Largest micro-batch one worker holds at once (int), or 'auto': no cap, one micro-step."""
+    max_epochs: int = 2
+    """Passes over the training split."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (None: run all epochs)."""
+    seed: int = 0
+    """Seeds the data split, shuffling and model init; every worker uses the same value."""
+    drop_last: bool = False
+    """Drop the short last global batch of an epoch instead of training on it (exactly scaled)."""
+    log_every_n_steps: int = 10
+    """Log training metrics to MLflow every N optimizer steps (and at the first and last)."""
+    val_every_n_epochs: int = 1
+    """Validate every N epochs (and always after the last)."""
+    checkpoint_every_n_steps: int | None = None
+    """Checkpoint every N optimizer steps; None: at the end of each epoch. Each costs a report."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, or float64 (exactness tests)."""
+    grad_clip_norm: float | None = None
+    """Clip the global gradient norm to this value before each optimizer step (None: off)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.global_batch_size, int) and self.global_batch_size > 0,
+            f"trainer.global_batch_size must be a positive integer, got {self.global_batch_size!r}"
+            ". Fix: trainer.global_batch_size=64",
+        )
+        m = self.max_micro_batch_size
+        _require(
+            m == "auto" or (isinstance(m, int) and not isinstance(m, bool) and m > 0),
+            f"trainer.max_micro_batch_size must be a positive integer or 'auto', got {m!r}. "
+            "Fix: trainer.max_micro_batch_size=auto",
+        )
+        _require(
+            self.max_epochs > 0, f"trainer.max_epochs must be > 0, got {self.max_epochs}"
+        )
+        _require(
+            self.max_steps is None or self.max_steps > 0,
+            f"trainer.max_steps must be > 0 or null, got {self.max_steps}",
+        )
+        _require(
+            self.log_every_n_steps > 0,
+            f"trainer.log_every_n_steps must be > 0, got {self.log_every_n_steps}",
+        )
+        _require(
+            self.val_every_n_epochs > 0,
+            f"trainer.val_every_n_epochs must be > 0, got {self.val_every_n_epochs}",
+        )
+        _require(
+            self.checkpoint_every_n_steps is None or self.checkpoint_every_n_steps > 0,
+            "trainer.checkpoint_every_n_steps must be > 0 or null (each epoch end), got "
+            f"{self.checkpoint_every_n_steps}",
+        )
+        _require(
+            self.dtype in ("float32", "float64"),
+            f"trainer.dtype must be float32 or float64, got {self.dtype!r}",
+        )
+
+    @property
+    def micro_batch_cap(self) -> int | None:
+        """The cap as the batch plan takes it (None for 'auto')."""
+        return None if self.max_micro_batch_size == "auto" else int(self.max_micro_batch_size)
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer and its learning-rate schedule (`optim.*`)."""
+
+    optimizer: Any = field(
+        default_factory=lambda: {
+            "_target_": "torch.optim.AdamW",
+            "_partial_": True,
+            "lr": 1e-3,
+        }
+    )
+    """A torch optimizer by import path with `_partial_: true` (params are passed by the loop)."""
+    lr_scaling: str = "none"
+    """Scale optimizer.lr with the global batch: none | linear (Goyal et al.) | sqrt (Hoffer)."""
+    base_batch_size: int | None = None
+    """Global batch at which optimizer.lr was tuned; required when lr_scaling is not none."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to the (scaled) lr over this many optimizer steps."""
+    schedule: str = "constant"
+    """After warm-up: constant | cosine (decays to 0 at the last step)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.optimizer, dict) and "_target_" in self.optimizer,
+            "optim.optimizer must have a _target_ (e.g. torch.optim.SGD). Fix: optim=sgd",
+        )
+        _require(
+            self.lr_scaling in ("none", "linear", "sqrt"),
+            f"optim.lr_scaling must be none, linear or sqrt, got {self.lr_scaling!r}",
+        )
+        _require(
+            self.lr_scaling == "none" or (self.base_batch_size or 0) > 0,
+            f"optim.lr_scaling={self.lr_scaling} needs optim.base_batch_size (the global batch "
+            "the lr was tuned at). Fix: optim.base_batch_size=256",
+        )
+        _require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        _require(
+            self.schedule in ("constant", "cosine"),
+            f"optim.schedule must be constant or cosine, got {self.schedule!r}",
+        )
+
+
+@dataclass
+class ScalingConfig:
+    """Where and on how many workers the job runs (`scaling.*`)."""
+
+    num_workers: int = 2
+    """Data-parallel workers (ranks); one per GPU when GPUs are used."""
+    use_gpu: Any = "auto"
+    """auto (GPUs if the cluster has them) | true (require GPUs) | false (CPU workers, gloo)."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves for each worker."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources per worker, e.g. {memory: 4e9} or a custom label."""
+    placement_strategy: str = "PACK"
+    """Ray placement of workers: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD."""
+    address: str | None = None
+    """Ray cluster to join (e.g. 'auto' or 'ray://host:10001'); None starts a local cluster."""
+    storage_path: str = ".ray_storage"
+    """Where Ray Train keeps checkpoints (project-local, not the home directory)."""
+    max_failures: int = 0
+    """Worker-group restarts Ray Train tries before failing the job (resumes from a checkpoint)."""
+    bucket_cap_mb: float = 25.0
+    """DDP gradient bucket size in MiB (DDP's default); smaller buckets overlap more, cost more."""
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.num_workers, int) and self.num_workers > 0,
+            f"scaling.num_workers must be a positive integer, got {self.num_workers!r}",
+        )
+        _require(
+            self.use_gpu in ("auto", True, False),
+            f"scaling.use_gpu must be auto, true or false, got {self.use_gpu!r}",
+        )
+        _require(self.cpus_per_worker > 0, "scaling.cpus_per_worker must be > 0")
+        _require(
+            self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+            f"scaling.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+            f"got {self.placement_strategy!r}",
+        )
+        _require(self.max_failures >= -1, "scaling.max_failures must be >= -1 (-1: no limit)")
+        _require(self.bucket_cap_mb > 0, "scaling.bucket_cap_mb must be > 0")
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs are logged (`tracking.*`)."""
+
+    uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI: sqlite:///file.db (relative to the working dir), http://host:5000."""
+    experiment: str = "dist_trainer"
+    """MLflow experiment that groups comparable runs."""
+    run_name: str | None = None
+    """Run name in the MLflow UI; None derives one from model, data and batch size."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Extra tags on the run."""
+    log_model: bool = True
+    """Log the final weights as an artifact."""
+    system_metrics: bool = False
+    """Also log MLflow's own host CPU/memory system metrics from each worker (needs psutil)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.uri), "tracking.uri must not be empty. Fix: tracking.uri=sqlite:///mlflow.db")
+        _require(bool(self.experiment), "tracking.experiment must not be empty")
+
+
+@dataclass
+class CommConfig:
+    """Communication measurement in the loop (`comm.*`)."""
+
+    enabled: bool = True
+    """Time every gradient all-reduce via a DDP communication hook (no extra synchronization)."""
+    probe_every_n_steps: int = 50
+    """Without accumulation, time one compute-only micro-step every N steps for comm/exposed_s."""
+
+    def __post_init__(self) -> None:
+        _require(self.probe_every_n_steps > 0, "comm.probe_every_n_steps must be > 0")
+
+
+@dataclass
+class TelemetryConfig:
+    """Hardware telemetry per worker (`telemetry.*`)."""
+
+    enabled: bool = True
+    """Sample GPU utilization, memory, power, temperature and clocks via NVML (off without NVML)."""
+    interval_s: float = 1.0
+    """Seconds between NVML samples in the background thread."""
+
+    def __post_init__(self) -> None:
+        _require(self.interval_s > 0, "telemetry.interval_s must be > 0")
+
+
+@dataclass
+class JobConfig:
+    """The whole job. `model` and `data` are `_target_` dictionaries (see conf/model, conf/data)."""
+
+    model: Any = None
+    """The network: `_target_` import path of an nn.Module class or factory, plus its kwargs."""
+    data: Any = None
+    """The data: `_target_` of a factory returning dist_trainer.data.DataBundle, plus kwargs."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("model", "data"):
+            node = getattr(self, key)
+            _require(
+                isinstance(node, dict) and node.get("_target_"),
+                f"{key} has no _target_. Fix: choose a built-in ({key}=<name>, see conf/{key}/) "
+                f"or set {key}._target_=your_package.YourClass",
+            )
+            import_target(node["_target_"], key=f"{key}._target_")
+
+
+def import_target(path: str, key: str) -> Any:
+    """Import `pkg.mod.Name`; a failure names the config key instead of a bare ImportError."""
+    module_name, _, attr = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(
+            f"{key}={path!r} cannot be imported ({exc}). Fix: give an importable "
+            f"'package.module.Name' that is installed where the workers run"
+        ) from None
+
+
+def register_configs() -> None:
+    """Register the schemas so conf/config.yaml can name them in its defaults list."""
+    store = ConfigStore.instance()
+    store.store(name="job_schema", node=JobConfig)
+
+
+def resolve_config(cfg: DictConfig | dict) -> JobConfig:
+    """Check a composed config and return it as dataclasses; ConfigError names a bad key."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
+    try:
+        return OmegaConf.to_object(cfg)  # runs every __post_init__ check
+    except ConfigError:
+        raise
+    except Exception as exc:  # OmegaConf type errors name the full key already
+        raise ConfigError(f"invalid config: {exc}") from None
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/lists as `a.b.c` keys: how MLflow params are named."""
+    flat: dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            flat.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(tree, list | tuple) and any(isinstance(v, dict | list) for v in tree):
+        for i, v in enumerate(tree):
+            flat.update(flatten(v, f"{prefix}{i}."))
+    else:
+        flat[prefix[:-1]] = tree
+    return flat

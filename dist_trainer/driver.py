@@ -1,0 +1,296 @@
+"""The driver: check everything, start or join Ray, create the job's MLflow run, launch workers.
+
+Flow: composed config -> checked JobConfig -> BatchPlan -> tracking store and Ray cluster
+checked -> one MLflow run -> Ray Train TorchTrainer(dist_trainer.workers.train_fn) -> result.
+Every check that can fail on user input runs before any training worker starts, so a bad value
+costs seconds and leaves no half-made run behind.
+
+Launch time matters here (a 2-worker CPU job spends most of its first 30 s in Ray and imports),
+so `ray.init` and the MLflow store set-up run in threads while the driver imports Ray Train.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import subprocess
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dist_trainer import tracking
+from dist_trainer.batching import BatchPlan, BatchPlanError, plan_batches
+from dist_trainer.config import ConfigError, JobConfig, flatten, resolve_config
+from dist_trainer.progress import ProgressReporter
+
+__all__ = ["JobResult", "RAY_ENV_DEFAULTS", "prepare", "train"]
+
+log = logging.getLogger(__name__)
+
+# Ray Train V2 levers measured on small machines (REFERENCE.md): a short health-check interval
+# makes each report and the teardown fast; the preemption watcher competes with DDP's first
+# torch._dynamo import. Users can still override them in their environment.
+RAY_ENV_DEFAULTS = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+@dataclass
+class JobResult:
+    """What a finished job hands back.
+
+    Args:
+        run_id: the job's MLflow run.
+        experiment: its MLflow experiment name.
+        tracking_uri: the (absolute) tracking URI.
+        metrics: the run's latest metrics.
+        plan: the batch plan used.
+        checkpoint_path: where Ray Train stored the last checkpoint, if any.
+    """
+
+    run_id: str
+    experiment: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    plan: BatchPlan
+    checkpoint_path: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """A job that passed every check that needs no Ray cluster."""
+
+    job: JobConfig
+    plan: BatchPlan
+    config: dict[str, Any]  # the resolved config as plain containers
+    tracking_uri: str
+
+
+def prepare(cfg: DictConfig | dict) -> Prepared:
+    """Every check that needs neither Ray nor a worker: config keys, batch plan, tracking store."""
+    job = resolve_config(cfg)
+    if job.tracking.uri == "none":
+        raise ConfigError(
+            "tracking.uri=none is only for python -m dist_trainer.torchrun; a launched job "
+            "logs one MLflow run. Fix: tracking.uri=sqlite:///mlflow.db"
+        )
+    try:
+        plan = plan_batches(
+            job.trainer.global_batch_size, job.scaling.num_workers, job.trainer.micro_batch_cap
+        )
+    except BatchPlanError as exc:
+        raise ConfigError(str(exc)) from None
+    uri = tracking.normalize_tracking_uri(job.tracking.uri)
+    tracking.check_tracking_uri(uri)
+    container = OmegaConf.to_container(
+        cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg), resolve=True
+    )
+    container.pop("hydra", None)
+    return Prepared(job, plan, container, uri)
+
+
+def _start_ray(scaling: Any) -> None:
+    """Join `scaling.address` or start a local cluster; an unreachable address is a ConfigError."""
+    import ray
+
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)  # a local raylet and its workers inherit these
+    if ray.is_initialized():  # a Hydra multirun: every job shares one cluster
+        return
+    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    if scaling.address:
+        import dist_trainer
+
+        kwargs["runtime_env"] = {
+            "env_vars": {k: os.environ[k] for k in RAY_ENV_DEFAULTS},
+            # Ship this package to the cluster's workers (conf/ is not needed there).
+            "py_modules": [str(Path(dist_trainer.__file__).parent)],
+        }
+    else:
+        kwargs["include_dashboard"] = False  # a local job needs no dashboard; it costs a core
+    if scaling.address and scaling.address != "auto":
+        _check_reachable(scaling.address)
+    try:
+        ray.init(address=scaling.address, **kwargs)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        raise ConfigError(
+            f"scaling.address={scaling.address!r}: cannot join the Ray cluster ({exc}). Fix: "
+            "start it (ray start --head) and pass its address, or drop scaling.address to run "
+            "on a local cluster"
+        ) from None
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A TCP connect to the head first: ray.init on a dead address hangs for minutes."""
+    hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"scaling.address={address!r}: cannot reach the Ray head ({exc}). Fix: start it "
+            "(ray start --head), check host:port (GCS port, default 6379; ray:// client port "
+            "10001), or drop scaling.address to run on a local cluster"
+        ) from None
+
+
+def _check_resources(job: JobConfig) -> bool:
+    """Whether workers get GPUs; refuse worker counts the cluster cannot place."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 0.0)
+    scaling = job.scaling
+    if scaling.use_gpu is True and gpus == 0:
+        raise ConfigError(
+            "scaling.use_gpu=true but the Ray cluster has no GPUs. Fix: scaling.use_gpu=auto "
+            "(CPU workers with gloo here) or join a cluster with GPUs (scaling.address=...)"
+        )
+    use_gpu = scaling.use_gpu is True or (scaling.use_gpu == "auto" and gpus > 0)
+    if use_gpu and scaling.num_workers > gpus:
+        raise ConfigError(
+            f"scaling.num_workers={scaling.num_workers} but the cluster has {gpus} GPU(s) and "
+            f"each worker takes one. Fix: scaling.num_workers={gpus}"
+        )
+    needed = scaling.num_workers * scaling.cpus_per_worker
+    if needed > cpus:
+        fit = int(cpus // scaling.cpus_per_worker)
+        raise ConfigError(
+            f"scaling.num_workers={scaling.num_workers} x scaling.cpus_per_worker="
+            f"{scaling.cpus_per_worker} needs {needed:g} CPUs but the cluster has {cpus:g}. "
+            f"Fix: scaling.num_workers={max(1, fit)} or lower scaling.cpus_per_worker"
+        )
+    for name, amount in scaling.resources_per_worker.items():
+        if scaling.num_workers * amount > resources.get(name, 0):
+            raise ConfigError(
+                f"scaling.resources_per_worker.{name}={amount} x {scaling.num_workers} workers "
+                f"exceeds the cluster's {resources.get(name, 0):g}. Fix: lower it or drop it"
+            )
+    return use_gpu
+
+
+def _tags(prepared: Prepared) -> dict[str, str]:
+    import torch
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    import ray
+
+    return {
+        "mlflow.source.name": "dist-trainer",
+        "mlflow.source.git.commit": commit or "unknown",
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        **{str(k): str(v) for k, v in prepared.job.tracking.tags.items()},
+    }
+
+
+def _run_name(prepared: Prepared) -> str:
+    job = prepared.job
+    if job.tracking.run_name:
+        return job.tracking.run_name
+    model = str(job.model["_target_"]).rsplit(".", 1)[-1]
+    data = str(job.data["_target_"]).rsplit(".", 1)[-1]
+    return f"{model}-{data}-gb{job.trainer.global_batch_size}-w{job.scaling.num_workers}"
+
+
+def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
+    """Run one training job end to end and return its result (raises ConfigError on bad input)."""
+    t_start = time.perf_counter()
+    prepared = prepare(cfg)
+    job, plan, uri = prepared.job, prepared.plan, prepared.tracking_uri
+    print(f"[dist-trainer] {plan.describe()}", flush=True)
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dist-trainer-start")
+    ray_ready: Future = pool.submit(_start_ray, job.scaling)
+    store_ready: Future = pool.submit(tracking.prepare_store, uri, job.tracking.experiment)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dist_trainer.workers import train_fn
+
+    try:
+        ray_ready.result()
+        use_gpu = _check_resources(job)
+        experiment_id = store_ready.result()
+    finally:
+        pool.shutdown(wait=True)
+    params = {**flatten(prepared.config), **plan.as_params(), "scaling.resolved_use_gpu": use_gpu}
+    artifacts = {
+        "config.yaml": OmegaConf.to_yaml(OmegaConf.create(prepared.config)),
+        "batch_plan.txt": plan.describe() + "\n" + "\n".join(
+            f"{k}: {v}" for k, v in plan.as_params().items()
+        ),
+    }
+    run_id = tracking.start_job_run(
+        uri, experiment_id, _run_name(prepared), params, _tags(prepared), artifacts
+    )
+    print(f"[dist-trainer] MLflow run {run_id} in experiment '{job.tracking.experiment}'",
+          flush=True)
+    storage = str(Path(job.scaling.storage_path).resolve())
+    Path(storage).mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config={
+            "job": prepared.config,
+            "plan": {
+                "global_batch_size": plan.global_batch_size,
+                "world_size": plan.world_size,
+                "micro_batch_size": plan.micro_batch_size,
+                "accumulation_steps": plan.accumulation_steps,
+            },
+            "run_id": run_id,
+            "tracking_uri": uri,
+        },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=job.scaling.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": job.scaling.cpus_per_worker,
+                                  **job.scaling.resources_per_worker},
+            placement_strategy=job.scaling.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=f"dist_trainer-{run_id}",
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=job.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    reporter = ProgressReporter(uri, run_id, enabled=show_progress)
+    reporter.start()
+    status, error = "FAILED", None
+    try:
+        result = trainer.fit()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status, error = "KILLED", "interrupted by the user"
+        raise
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        reporter.stop()
+        tracking.finish_job_run(uri, run_id, status, error)
+    metrics = tracking.latest_metrics(uri, run_id)
+    elapsed = time.perf_counter() - t_start
+    reporter.summary(metrics, elapsed)
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    return JobResult(run_id, job.tracking.experiment, uri, metrics, plan, checkpoint,
+                     {"total_s": elapsed})

@@ -1,0 +1,124 @@
+"""Progress in the driver's terminal, read back from the job's MLflow run.
+
+Workers write metrics to MLflow; this polls that run once a second, so progress needs no channel
+from the workers to the driver and shows exactly what was logged. On a terminal it is a live
+bar (step/total, loss, samples/s, ETA); elsewhere (CI, a pipe) a plain line every few seconds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+__all__ = ["ProgressReporter"]
+
+
+class ProgressReporter:
+    """Shows a run's progress while it trains, then a summary table.
+
+    Args:
+        uri: tracking URI of the run.
+        run_id: the MLflow run to follow.
+        enabled: False shows nothing while training (the summary still prints).
+        poll_s: seconds between reads of the run.
+    """
+
+    def __init__(self, uri: str, run_id: str, enabled: bool = True, poll_s: float = 1.0) -> None:
+        self.uri, self.run_id, self.enabled, self.poll_s = uri, run_id, enabled, poll_s
+        self.console = Console()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+
+    def start(self) -> None:
+        if self.enabled:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _read(self, client: Any) -> tuple[int, int, dict[str, float]] | None:
+        run = client.get_run(self.run_id)
+        total = int(run.data.params.get("plan.total_steps", 0))
+        per_epoch = int(run.data.params.get("plan.steps_per_epoch", 0))
+        metrics = run.data.metrics
+        if not total or "train/epoch" not in metrics:
+            return None
+        # train/epoch is epoch + fraction done, so it gives the optimizer step without a sync.
+        step = min(total, round(metrics["train/epoch"] * per_epoch))
+        return step, total, metrics
+
+    def _run(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri)
+        live = self.console.is_terminal
+        progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  {task.fields[sps]} samples/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        task = None
+        last_print = 0.0
+        with progress if live else _Nothing():
+            while not self._stop.wait(self.poll_s):
+                try:
+                    read = self._read(client)
+                except Exception:  # noqa: BLE001 - the store may be busy; try next time
+                    continue
+                if read is None:
+                    continue
+                step, total, metrics = read
+                loss = f"{metrics.get('train/loss', float('nan')):.4f}"
+                sps = f"{metrics.get('perf/samples_per_s', 0.0):,.0f}"
+                if live:
+                    if task is None:
+                        task = progress.add_task("train", total=total, loss=loss, sps=sps)
+                    progress.update(task, completed=step, loss=loss, sps=sps)
+                elif time.monotonic() - last_print > 5 or step == total:
+                    last_print = time.monotonic()
+                    print(f"[dist-trainer] step {step}/{total}  loss {loss}  {sps} samples/s",
+                          flush=True)
+
+    def summary(self, metrics: dict[str, float], elapsed_s: float) -> None:
+        """The end-of-job table and how to look at the run."""
+        table = Table(title=f"run {self.run_id}", show_header=True)
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key in sorted(metrics):
+            if "/node" in key:  # per-worker telemetry lives in MLflow, not in this table
+                continue
+            table.add_row(key, f"{metrics[key]:.6g}")
+        self.console.print(table)
+        self.console.print(
+            f"finished in {elapsed_s:.1f} s. MLflow run id: {self.run_id}\n"
+            f"Open the UI with `make ui` (mlflow ui --backend-store-uri {self.uri}) and compare "
+            "runs side by side in the experiment's table."
+        )
+
+
+class _Nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,254 @@
+"""The only module that talks to MLflow.
+
+One run per training job: the driver creates it (`start_job_run`) and hands its id to the
+workers; rank 0 logs training metrics into it through a `RunLogger`, whose background thread
+batches writes so the training step never waits on the tracking store. After a restart the
+workers log into the same run id, so a resumed job stays one run.
+
+mlflow is imported lazily: in a worker the logger thread pays for the import while the first
+steps already run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from dist_trainer.config import ConfigError
+
+__all__ = [
+    "NullLogger",
+    "RunLogger",
+    "check_tracking_uri",
+    "finish_job_run",
+    "normalize_tracking_uri",
+    "redact_params",
+    "start_job_run",
+    "prepare_store",
+    "latest_metrics",
+]
+
+log = logging.getLogger(__name__)
+
+# MLflow's limits per log_batch call (mlflow/utils/validation.py).
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_PARAM_LENGTH = 6000
+
+_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential|auth)", re.I)
+_URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^@/\s]+)@", re.I)
+
+
+def normalize_tracking_uri(uri: str) -> str:
+    """Make a relative sqlite/file URI absolute, so workers in other folders hit the same store.
+
+    `sqlite:///mlflow.db` is relative to the working directory (three slashes); the absolute form
+    has four (`sqlite:////abs/path/mlflow.db`).
+    """
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    if "://" not in uri:  # a plain folder is MLflow's file store
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, naming `tracking.uri`, if the store cannot be reached or written."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(
+                f"tracking.uri={uri!r}: folder {str(folder)!r} does not exist or is not writable. "
+                "Fix: create it, or use tracking.uri=sqlite:///mlflow.db"
+            )
+    elif uri.startswith(("http://", "https://")):
+        health = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(health, timeout=timeout_s) as response:
+                response.read()
+        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
+            shown = _URI_USERINFO.sub(r"\g<scheme>***@", uri)
+            raise ConfigError(
+                f"tracking.uri={shown!r} is unreachable ({getattr(exc, 'reason', exc)}). "
+                "Fix: start the server (mlflow server --port 5000) or use "
+                "tracking.uri=sqlite:///mlflow.db"
+            ) from None
+    elif uri.startswith("file://"):
+        folder = Path(uri[len("file://") :])
+        parent = folder if folder.exists() else folder.parent
+        if not os.access(parent, os.W_OK):
+            raise ConfigError(f"tracking.uri={uri!r} is not writable. Fix: choose another folder")
+
+
+def redact_params(params: dict[str, Any]) -> dict[str, str]:
+    """Params as MLflow strings with secrets masked: credential-like keys and URI passwords."""
+    safe: dict[str, str] = {}
+    for key, value in params.items():
+        text = "None" if value is None else str(value)
+        if _SECRET_KEY.search(key.rsplit(".", 1)[-1]):
+            text = "***"
+        else:
+            text = _URI_USERINFO.sub(r"\g<scheme>***@", text)
+        safe[key] = text[:_MAX_PARAM_LENGTH]
+    return safe
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def prepare_store(uri: str, experiment: str) -> str:
+    """Open the store (a new sqlite file gets its schema here) and return the experiment id."""
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(experiment)
+    except Exception:  # another job of a sweep created it first
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def latest_metrics(uri: str, run_id: str) -> dict[str, float]:
+    """The run's latest value of every metric."""
+    return dict(_client(uri).get_run(run_id).data.metrics)
+
+
+def start_job_run(
+    uri: str,
+    experiment_id: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    artifacts: dict[str, str] | None = None,
+) -> str:
+    """Create the job's one run with its params, tags and text artifacts; return its id."""
+    client = _client(uri)
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in redact_params(params).items()]
+    for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH])
+    for name, text in (artifacts or {}).items():
+        client.log_text(run_id, text, name)
+    return run_id
+
+
+def finish_job_run(uri: str, run_id: str, status: str, error: str | None = None) -> None:
+    """Mark the run FINISHED / FAILED / KILLED; a failure keeps its reason as a tag."""
+    client = _client(uri)
+    if error:
+        client.set_tag(run_id, "error", error[:5000])
+    client.set_terminated(run_id, status=status)
+
+
+class NullLogger:
+    """What ranks other than 0 use: accepts everything, writes nothing."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RunLogger(NullLogger):
+    """Writes to one MLflow run from a background thread, in batches.
+
+    Metrics carry the wall-clock time at which they were measured (not when they were written),
+    so MLflow's timestamps tell when each step happened.
+    """
+
+    def __init__(self, uri: str, run_id: str, flush_interval_s: float = 1.0) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self._flush_interval_s = flush_interval_s
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now_ms = int(time.time() * 1000)
+        self._queue.put(("metrics", [(k, float(v), now_ms, step) for k, v in metrics.items()]))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._queue.put(("params", redact_params(params)))
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        self._queue.put(("artifact", (local_path, artifact_path)))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._queue.put(("text", (text, artifact_file)))
+
+    def close(self) -> None:
+        """Flush everything queued, then stop; raises if writing failed."""
+        self._queue.put(("stop", None))
+        self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"MLflow logging to {self.uri} failed: {self._error}")
+
+    def _run(self) -> None:
+        try:
+            from mlflow.entities import Metric, Param
+
+            client = _client(self.uri)
+        except BaseException as exc:  # noqa: BLE001 - reported from close()
+            self._error = exc
+            return
+        stop = False
+        while not stop:
+            items = [self._queue.get()]
+            deadline = time.monotonic() + self._flush_interval_s
+            while True:  # gather what arrives within the flush interval into one batch
+                try:
+                    items.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+                if items[-1][0] == "stop":
+                    break
+            metrics, params = [], []
+            try:
+                for kind, payload in items:
+                    if kind == "metrics":
+                        metrics.extend(Metric(k, v, ts, step) for k, v, ts, step in payload)
+                    elif kind == "params":
+                        params.extend(Param(k, v) for k, v in payload.items())
+                    elif kind == "artifact":
+                        client.log_artifact(self.run_id, payload[0], payload[1])
+                    elif kind == "text":
+                        client.log_text(self.run_id, payload[0], payload[1])
+                    elif kind == "stop":
+                        stop = True
+                for i in range(0, len(params), _MAX_PARAMS_PER_BATCH):
+                    client.log_batch(self.run_id, params=params[i : i + _MAX_PARAMS_PER_BATCH])
+                for i in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
+                    client.log_batch(self.run_id, metrics=metrics[i : i + _MAX_METRICS_PER_BATCH])
+            except BaseException as exc:  # noqa: BLE001 - training goes on; close() reports it
+                log.warning("MLflow logging failed: %s", exc)
+                self._error = exc

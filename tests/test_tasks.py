@@ -1,0 +1,151 @@
+"""Pure tests of loss_sums against independent references, plus a tiny end-to-end fit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_trainer import data
+from dist_trainer.models import MLP
+from dist_trainer.tasks import TASKS, loss_sums
+
+
+def _manual_bce_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Sum of -[y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))], in float64 Python math."""
+    total = 0.0
+    for z, y in zip(logits.tolist(), targets.tolist(), strict=True):
+        p = 1.0 / (1.0 + math.exp(-z))
+        total -= y * math.log(p) + (1.0 - y) * math.log(1.0 - p)
+    return total
+
+
+@pytest.mark.parametrize("shape", [(6,), (6, 1)])
+def test_binary_matches_manual_bce(shape):
+    torch.manual_seed(0)
+    logits = torch.randn(shape)
+    targets = torch.randint(0, 2, shape).float()
+    loss, correct, count = loss_sums("binary", logits, targets)
+    assert loss.shape == correct.shape == count.shape == ()
+    assert loss.item() == pytest.approx(
+        _manual_bce_sum(logits.flatten(), targets.flatten()), rel=1e-5
+    )
+    pairs = zip(logits.flatten().tolist(), targets.flatten().tolist(), strict=True)
+    expected_correct = sum((z > 0) == (y == 1) for z, y in pairs)
+    assert correct.item() == expected_correct
+    assert count.item() == 6
+
+
+def test_binary_accepts_int_targets_and_1d_logits_with_2d_targets():
+    logits = torch.tensor([2.0, -1.0, 0.5])
+    loss, correct, count = loss_sums("binary", logits, torch.tensor([[1], [1], [0]]))
+    assert correct.item() == 1 and count.item() == 3
+    assert loss.item() == pytest.approx(_manual_bce_sum(logits, torch.tensor([1.0, 1.0, 0.0])))
+
+
+def test_multiclass_matches_mean_cross_entropy_times_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 5)
+    targets = torch.randint(0, 5, (7,))
+    loss, correct, count = loss_sums("multiclass", logits, targets)
+    ref = F.cross_entropy(logits, targets, reduction="mean") * 7
+    torch.testing.assert_close(loss, ref)
+    assert correct.item() == int((logits.argmax(1) == targets).sum())
+    assert count.item() == 7
+
+
+def test_lm_is_per_sample_mean_summed_with_per_token_accuracy():
+    torch.manual_seed(0)
+    b, t, v = 3, 4, 6
+    logits = torch.randn(b, t, v)
+    targets = torch.randint(0, v, (b, t))
+    loss, correct, count = loss_sums("lm", logits, targets)
+    per_sample = [F.cross_entropy(logits[i], targets[i], reduction="mean") for i in range(b)]
+    torch.testing.assert_close(loss, torch.stack(per_sample).sum())
+    # Equal-length samples: same as the token mean times B.
+    torch.testing.assert_close(
+        loss, F.cross_entropy(logits.reshape(-1, v), targets.reshape(-1)) * b
+    )
+    assert correct.item() == int((logits.argmax(-1) == targets).sum())
+    assert count.item() == b * t  # accuracy is per token
+
+
+@pytest.mark.parametrize(
+    ("task", "logits_shape", "targets"),
+    [
+        ("binary", (0,), torch.zeros(0)),
+        ("binary", (0, 1), torch.zeros(0, 1)),
+        ("multiclass", (0, 4), torch.zeros(0, dtype=torch.long)),
+        ("lm", (0, 3, 5), torch.zeros(0, 3, dtype=torch.long)),
+    ],
+)
+def test_empty_batch_gives_zeros_and_backpropagates(task, logits_shape, targets):
+    logits = torch.zeros(logits_shape, requires_grad=True)
+    loss, correct, count = loss_sums(task, logits, targets)
+    assert loss.item() == 0 and correct.item() == 0 and count.item() == 0
+    loss.backward()
+    assert logits.grad is not None and logits.grad.shape == logits.shape
+
+
+def test_empty_batch_through_a_model_gives_zero_parameter_gradients():
+    model = MLP(in_features=3, num_classes=1)
+    loss, _, _ = loss_sums("binary", model(torch.zeros(0, 3)), torch.zeros(0))
+    loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_dtypes_device_and_no_graph_on_counts(task):
+    shapes = {"binary": ((4,), (4,)), "multiclass": ((4, 3), (4,)), "lm": ((4, 2, 3), (4, 2))}
+    logits_shape, target_shape = shapes[task]
+    logits = torch.randn(logits_shape, dtype=torch.bfloat16, requires_grad=True)
+    if task == "binary":
+        targets = torch.randint(0, 2, target_shape).float()
+    else:
+        targets = torch.randint(0, 3, target_shape)
+    loss, correct, count = loss_sums(task, logits, targets)
+    assert loss.dtype == torch.float32 and loss.requires_grad  # summed in float32
+    assert correct.dtype == count.dtype == torch.int64
+    assert not correct.requires_grad and not count.requires_grad
+    assert loss.device == correct.device == count.device == logits.device
+
+
+def test_unknown_task_names_task_and_valid_list():
+    with pytest.raises(ValueError, match=r"'regression'.*binary.*multiclass.*lm"):
+        loss_sums("regression", torch.zeros(2, 2), torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    ("task", "logits", "targets"),
+    [
+        ("binary", torch.zeros(4, 2), torch.zeros(4)),
+        ("binary", torch.zeros(4), torch.zeros(3)),
+        ("multiclass", torch.zeros(4), torch.zeros(4, dtype=torch.long)),
+        ("multiclass", torch.zeros(4, 3), torch.zeros(5, dtype=torch.long)),
+        ("lm", torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)),
+        ("lm", torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long)),
+        ("lm", torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.long)),
+    ],
+)
+def test_shape_mismatch_is_a_value_error(task, logits, targets):
+    with pytest.raises(ValueError, match=task):
+        loss_sums(task, logits, targets)
+
+
+def test_sgd_on_breast_cancer_reduces_training_loss():
+    torch.manual_seed(0)
+    bundle = data.breast_cancer()
+    x, y = bundle.train.tensors
+    model = MLP(**bundle.model_kwargs, hidden_sizes=(16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss_sum, correct, count = loss_sums(bundle.task, model(x), y)
+        (loss_sum / len(x)).backward()  # the loop divides by the (global) sample count
+        opt.step()
+        losses.append(loss_sum.item() / len(x))
+    assert losses[-1] < 0.5 * losses[0]
+    assert correct.item() / count.item() > 0.9
