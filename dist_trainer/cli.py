@@ -11,16 +11,16 @@ reports errors the way a user should see them: one line naming the key and the f
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from dist_trainer.config import CONF_DIR as _CONF_PATH
 from dist_trainer.config import ConfigError, register_configs
 
 __all__ = ["main"]
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(_CONF_PATH)
 
 _USAGE = """usage: dist-trainer <verb> [hydra overrides]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -27,6 +28,7 @@ __all__ = [
     "TrainerConfig",
     "flatten",
     "import_target",
+    "load_config",
     "register_configs",
     "resolve_config",
 ]
@@ -285,6 +287,18 @@ def register_configs() -> None:
     """Register the schemas so conf/config.yaml can name them in its defaults list."""
     store = ConfigStore.instance()
     store.store(name="job_schema", node=JobConfig)
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose conf/config.yaml with Hydra overrides, as `dist-trainer train` would."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
 
 
 def resolve_config(cfg: DictConfig | dict) -> JobConfig:

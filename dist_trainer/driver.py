@@ -16,6 +16,7 @@ import os
 import platform
 import socket
 import subprocess
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +33,27 @@ from dist_trainer.progress import ProgressReporter
 __all__ = ["JobResult", "RAY_ENV_DEFAULTS", "prepare", "train"]
 
 log = logging.getLogger(__name__)
+
+
+def _start_ray_in_background(scaling: Any) -> Future:
+    """Run `_start_ray` in a daemon thread that then stays alive until the process exits.
+
+    Ray starts its GCS and raylet with a parent-death signal bound to the *thread* that spawns
+    them: if that thread ended, the local cluster would die with it. A daemon thread is not
+    joined at exit, so Ray's own atexit shutdown still finds its processes alive.
+    """
+    future: Future = Future()
+
+    def keeper() -> None:
+        try:
+            future.set_result(_start_ray(scaling))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            future.set_exception(exc)
+            return
+        threading.Event().wait()  # park forever
+
+    threading.Thread(target=keeper, name="dist-trainer-ray", daemon=True).start()
+    return future
 
 # Ray Train V2 levers measured on small machines (REFERENCE.md): a short health-check interval
 # makes each report and the teardown fast; the preemption watcher competes with DDP's first
@@ -104,6 +126,8 @@ def _start_ray(scaling: Any) -> None:
 
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)  # a local raylet and its workers inherit these
+    if scaling.address and scaling.address != "auto":
+        _check_reachable(scaling.address)
     if ray.is_initialized():  # a Hydra multirun: every job shares one cluster
         return
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
@@ -115,10 +139,6 @@ def _start_ray(scaling: Any) -> None:
             # Ship this package to the cluster's workers (conf/ is not needed there).
             "py_modules": [str(Path(dist_trainer.__file__).parent)],
         }
-    else:
-        kwargs["include_dashboard"] = False  # a local job needs no dashboard; it costs a core
-    if scaling.address and scaling.address != "auto":
-        _check_reachable(scaling.address)
     try:
         ray.init(address=scaling.address, **kwargs)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
@@ -217,8 +237,8 @@ def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
     prepared = prepare(cfg)
     job, plan, uri = prepared.job, prepared.plan, prepared.tracking_uri
     print(f"[dist-trainer] {plan.describe()}", flush=True)
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dist-trainer-start")
-    ray_ready: Future = pool.submit(_start_ray, job.scaling)
+    ray_ready = _start_ray_in_background(job.scaling)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-trainer-mlflow")
     store_ready: Future = pool.submit(tracking.prepare_store, uri, job.tracking.experiment)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

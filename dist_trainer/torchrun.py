@@ -19,23 +19,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dist_trainer.batching import plan_batches
-from dist_trainer.config import flatten, register_configs, resolve_config
+from dist_trainer.config import flatten, load_config, resolve_config
 from dist_trainer.loop import LocalCheckpointSink, WorkerInfo, run_training
 
 __all__ = ["main"]
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     overrides = list(sys.argv[1:] if argv is None else argv)
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = load_config(overrides)
     job = resolve_config(cfg)
     use_gpu = torch.cuda.is_available() and job.scaling.use_gpu is not False
     if job.scaling.use_gpu is True and not torch.cuda.is_available():

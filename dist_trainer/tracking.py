@@ -15,7 +15,6 @@ import logging
 import os
 import queue
 import re
-import socket
 import threading
 import time
 import urllib.error
@@ -75,7 +74,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         try:
             with urllib.request.urlopen(health, timeout=timeout_s) as response:
                 response.read()
-        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
+        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as exc:
             shown = _URI_USERINFO.sub(r"\g<scheme>***@", uri)
             raise ConfigError(
                 f"tracking.uri={shown!r} is unreachable ({getattr(exc, 'reason', exc)}). "

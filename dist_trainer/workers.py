@@ -20,6 +20,8 @@ from dist_trainer.loop import WorkerInfo, run_training
 __all__ = ["RayCheckpointSink", "train_fn"]
 
 _STATE_FILE = "state.pt"
+# What Ray Train keeps with each checkpoint (and prints): the full set lives in MLflow.
+_REPORTED = ("step", "train/loss", "val/loss", "val/accuracy")
 
 
 class RayCheckpointSink:
@@ -40,7 +42,8 @@ class RayCheckpointSink:
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             # A barrier over all workers: every rank reports the same number of times.
             ray.train.report(
-                metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:08d}"
+                {k: v for k, v in metrics.items() if k in _REPORTED},
+                checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:08d}"
             )
 
 

@@ -1,0 +1,54 @@
+"""Shared fixtures: one Ray cluster per session, outputs under tmp_path, no leftover groups."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from dist_trainer.config import load_config, resolve_config
+from dist_trainer.driver import RAY_ENV_DEFAULTS
+
+# Fast Ray Train health checks and teardown, set before any raylet starts (workers inherit it).
+for _key, _value in {**RAY_ENV_DEFAULTS, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}.items():
+    os.environ.setdefault(_key, _value)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_process_group():
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster shared by every Ray test (2 CPUs, like this machine)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    """Overrides that keep a job's MLflow store and Ray storage inside tmp_path."""
+    return [
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"scaling.storage_path={tmp_path / 'ray_storage'}",
+        *extra,
+    ]
+
+
+def job_config(*overrides: str):
+    """A composed and checked JobConfig."""
+    return resolve_config(load_config(list(overrides)))
