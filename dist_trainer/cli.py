@@ -10,7 +10,9 @@ reports errors the way a user should see them: one line naming the key and the f
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 
 import hydra
 from omegaconf import DictConfig
@@ -36,11 +38,25 @@ examples:
 """
 
 
+@contextlib.contextmanager
+def _config_errors_as_exit() -> Iterator[None]:
+    """A ConfigError is the user's to fix: one line naming the key, exit code 2, no traceback.
+
+    Raised inside the Hydra app, because Hydra wraps any Exception in its own report.
+    """
+    try:
+        yield
+    except ConfigError as exc:
+        print(f"dist-trainer: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
 def _train_app(cfg: DictConfig) -> float | None:
     from dist_trainer.driver import train
 
-    result = train(cfg)
+    with _config_errors_as_exit():
+        result = train(cfg)
     # Returned to Hydra so sweepers (e.g. Optuna) can optimize it.
     return result.metrics.get("val/loss")
 
@@ -49,7 +65,8 @@ def _train_app(cfg: DictConfig) -> float | None:
 def _bench_comm_app(cfg: DictConfig) -> None:
     from dist_trainer.bench_comm import run_bench_comm
 
-    run_bench_comm(cfg)
+    with _config_errors_as_exit():
+        run_bench_comm(cfg)
 
 
 _VERBS = {"train": _train_app, "bench-comm": _bench_comm_app}
@@ -66,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     register_configs()
     sys.argv = [f"dist-trainer {verb}", *rest]  # Hydra reads sys.argv
-    try:
-        _VERBS[verb]()
-    except ConfigError as exc:
-        print(f"dist-trainer: config error: {exc}", file=sys.stderr)
-        return 2
+    _VERBS[verb]()
     return 0
 
 

@@ -17,6 +17,13 @@ for _key, _value in {**RAY_ENV_DEFAULTS, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0
     os.environ.setdefault(_key, _value)
 
 
+# Ray workers import test helpers (tests.crashing) by module path, like a user's own model.
+_ROOT = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (_ROOT, os.environ.get("PYTHONPATH", "")) if p
+)
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_process_group():
     yield

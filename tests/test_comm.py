@@ -263,8 +263,11 @@ def _check_against_plain_loop() -> dict[str, Any]:
     launched last never waits, so its time is the transfer itself on both sides.
     """
     torch.manual_seed(1)
-    # Gradients written straight into the buckets: no bucket copy competing with the transfers.
-    ddp = DDP(_mlp(1024, 8), gradient_as_bucket_view=True)
+    # An explicit bucket_cap_mb also caps bucket 0 (left alone, DDP caps it at 1 MB, so the last
+    # layer would launch alone and overlap with seven layers of backward on a shared CPU): this
+    # gives [7 layers, 1 layer], the first launched when only one layer's backward is left.
+    # Gradients are written straight into the buckets: no bucket copy competes with transfers.
+    ddp = DDP(_mlp(1024, 8), bucket_cap_mb=25, gradient_as_bucket_view=True)
     meter = CommMeter()
     meter.attach(ddp)
     x = torch.randn(1, 1024)

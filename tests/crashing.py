@@ -1,0 +1,25 @@
+"""A model that fails once mid-training, to test restart and resume through Ray Train."""
+
+from __future__ import annotations
+
+import os
+
+from dist_trainer.models import MLP
+
+
+class CrashOnceMLP(MLP):
+    """An MLP whose forward raises at call `crash_at_call` if `marker` does not exist yet."""
+
+    def __init__(self, marker: str, crash_at_call: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.marker = marker
+        self.crash_at_call = crash_at_call
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.training and self.calls == self.crash_at_call and not os.path.exists(self.marker):
+            with open(self.marker, "w") as f:
+                f.write("crashed once")
+            raise RuntimeError("injected failure (tests.crashing)")
+        return super().forward(x)

@@ -1,0 +1,148 @@
+"""The Ray driver end to end on a real local cluster, real DDP (gloo) and a real MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dist_trainer import driver
+from dist_trainer.config import ConfigError, load_config
+from tests.conftest import free_port, job_overrides
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).with_name("dist-trainer"))
+
+
+def _runs(tmp_path: Path) -> list:
+    db = tmp_path / "mlflow.db"
+    if not db.exists():
+        return []
+    client = MlflowClient(f"sqlite:///{db}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments) if experiments else []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model._target_=no.such.Model"], r"model\._target_='no\.such\.Model' cannot be imported"),
+        (["trainer.global_batch_size=0"], r"trainer\.global_batch_size must be a positive"),
+        (["trainer.global_batch_size=255"], r"Nearest valid global batch sizes: 252 .*256"),
+        (["trainer.max_micro_batch_size=-2"], r"trainer\.max_micro_batch_size must be"),
+        (["scaling.num_workers=4"], r"scaling\.num_workers=4 .* needs 4 CPUs .* has 2"),
+        (["scaling.use_gpu=true"], r"scaling\.use_gpu=true but the Ray cluster has no GPUs"),
+        ([f"tracking.uri=http://127.0.0.1:{free_port()}"], r"tracking\.uri=.* is unreachable"),
+        (["tracking.uri=sqlite:////no/such/folder/mlflow.db"], r"tracking\.uri=.*does not exist"),
+        ([f"scaling.address=127.0.0.1:{free_port()}"], r"scaling\.address=.*cannot reach"),
+    ],
+)
+def test_bad_input_fails_before_any_worker_starts(ray_cluster, tmp_path, overrides, message):
+    import ray
+
+    cpus_before = ray.available_resources().get("CPU")
+    cfg = load_config(job_overrides(tmp_path, *overrides))
+    with pytest.raises(ConfigError, match=message):
+        driver.train(cfg, show_progress=False)
+    assert not (tmp_path / "ray_storage").exists(), "a Ray Train run was started"
+    assert _runs(tmp_path) == [], "a run was logged for a job that never started"
+    assert ray.available_resources().get("CPU") == cpus_before
+
+
+def test_two_workers_one_run_with_params_metrics_artifacts(ray_cluster, tmp_path):
+    cfg = load_config(job_overrides(tmp_path, "trainer.max_epochs=2",
+                                    "trainer.max_micro_batch_size=16"))
+    result = driver.train(cfg, show_progress=False)
+    runs = _runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.run_id == result.run_id
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["trainer.global_batch_size"] == "64"
+    assert params["scaling.num_workers"] == "2"
+    assert (params["plan.world_size"], params["plan.micro_batch_size"],
+            params["plan.accumulation_steps"]) == ("2", "16", "2")
+    assert params["model._target_"] == "dist_trainer.models.MLP"
+    client = MlflowClient(result.tracking_uri)
+    loss = client.get_metric_history(result.run_id, "train/loss")
+    steps = [m.step for m in loss]
+    assert steps == sorted(steps) and steps[0] == 1 and steps[-1] == 16
+    for key in ("train/lr", "val/loss", "val/accuracy", "perf/samples_per_s",
+                "perf/step_time_s", "comm/allreduce_s", "comm/bytes"):
+        assert key in run.data.metrics, key
+    # Better than always predicting the majority class of the validation split.
+    from dist_trainer.data import breast_cancer
+
+    val_y = breast_cancer(seed=0).val.tensors[1]
+    majority = max(val_y.mean().item(), 1 - val_y.mean().item())
+    assert run.data.metrics["val/accuracy"] > majority
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "batch_plan.txt", "model"} <= artifacts
+    assert run.data.tags["mlflow.source.git.commit"]
+    assert run.data.tags["torch"] and run.data.tags["ray"]
+    assert result.checkpoint_path and Path(result.checkpoint_path).exists()
+
+
+def test_worker_failure_restarts_and_resumes_the_same_run(ray_cluster, tmp_path):
+    marker = tmp_path / "crashed"
+    cfg = load_config(job_overrides(
+        tmp_path, "trainer.max_epochs=3", "scaling.max_failures=1",
+        "model._target_=tests.crashing.CrashOnceMLP", f"+model.marker={marker}",
+        "+model.crash_at_call=12",  # in epoch 2, after the epoch-1 checkpoint
+    ))
+    result = driver.train(cfg, show_progress=False)
+    assert marker.exists(), "the injected failure never happened"
+    runs = _runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in MlflowClient(result.tracking_uri).get_metric_history(
+        result.run_id, "val/loss")]
+    assert steps[-1] == 24  # 3 epochs x 8 steps, finished after the restart
+
+
+@pytest.mark.slow
+def test_cli_train_end_to_end(tmp_path):
+    """`dist-trainer train` as a user runs it: its own embedded Ray, one run, a summary."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [CLI, "train", *job_overrides(tmp_path, "trainer.max_epochs=2")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = _runs(tmp_path)
+    assert len(runs) == 1
+    assert runs[0].info.run_id in proc.stdout
+    assert "make ui" in proc.stdout
+    assert runs[0].data.metrics["val/accuracy"] > 0.8
+
+
+@pytest.mark.slow
+def test_cli_multirun_gives_one_run_per_job_in_one_experiment(ray_cluster, tmp_path):
+    """A Hydra sweep over two global batch sizes, joining the running cluster by address."""
+    proc = subprocess.run(
+        [CLI, "train", "-m", "trainer.global_batch_size=32,128", "trainer.max_epochs=1",
+         f"scaling.address={ray_cluster}", *job_overrides(tmp_path)],
+        cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = _runs(tmp_path)
+    assert len(runs) == 2
+    assert {r.info.experiment_id for r in runs} == {runs[0].info.experiment_id}
+    assert sorted(int(r.data.params["trainer.global_batch_size"]) for r in runs) == [32, 128]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [CLI, "train", "trainer.global_batch_size=255", *job_overrides(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "config error: trainer.global_batch_size=255 cannot be split" in proc.stderr
+    assert not (tmp_path / "ray_storage").exists()
