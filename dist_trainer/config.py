@@ -227,9 +227,24 @@ class CommConfig:
     """Time every gradient all-reduce via a DDP communication hook (no extra synchronization)."""
     probe_every_n_steps: int = 50
     """Without accumulation, time one compute-only micro-step every N steps for comm/exposed_s."""
+    sweep_min_bytes: int = 1024
+    """bench-comm: smallest all-reduce message (bytes); sizes double up to sweep_max_bytes."""
+    sweep_max_bytes: int = 256 * 2**20
+    """bench-comm: largest all-reduce message (bytes)."""
+    sweep_warmup: int = 5
+    """bench-comm: untimed all-reduces per size before timing."""
+    sweep_repeats: int = 20
+    """bench-comm: timed all-reduces per size; the median is reported."""
 
     def __post_init__(self) -> None:
         _require(self.probe_every_n_steps > 0, "comm.probe_every_n_steps must be > 0")
+        _require(
+            0 < self.sweep_min_bytes <= self.sweep_max_bytes,
+            f"comm.sweep_min_bytes ({self.sweep_min_bytes}) must be > 0 and <= "
+            f"comm.sweep_max_bytes ({self.sweep_max_bytes})",
+        )
+        _require(self.sweep_warmup >= 0, "comm.sweep_warmup must be >= 0")
+        _require(self.sweep_repeats > 0, "comm.sweep_repeats must be > 0")
 
 
 @dataclass

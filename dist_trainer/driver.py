@@ -18,6 +18,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +26,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dist_trainer import tracking
+from dist_trainer import report, tracking
 from dist_trainer.batching import BatchPlan, BatchPlanError, plan_batches
 from dist_trainer.config import ConfigError, JobConfig, flatten, resolve_config
 from dist_trainer.progress import ProgressReporter
 
-__all__ = ["JobResult", "RAY_ENV_DEFAULTS", "prepare", "train"]
+__all__ = ["JobResult", "Prepared", "RAY_ENV_DEFAULTS", "launch", "prepare", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_DEDUP_LOGS": "0",
+    # Train V2 re-routes worker print() through its logger, which shows each line twice here.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 
@@ -231,19 +234,28 @@ def _run_name(prepared: Prepared) -> str:
     return f"{model}-{data}-gb{job.trainer.global_batch_size}-w{job.scaling.num_workers}"
 
 
-def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
-    """Run one training job end to end and return its result (raises ConfigError on bad input)."""
-    t_start = time.perf_counter()
-    prepared = prepare(cfg)
-    job, plan, uri = prepared.job, prepared.plan, prepared.tracking_uri
-    print(f"[dist-trainer] {plan.describe()}", flush=True)
+def launch(
+    prepared: Prepared,
+    worker_fn: Callable[[dict[str, Any]], None],
+    worker_config: dict[str, Any],
+    run_name: str,
+    params: dict[str, Any],
+    artifacts: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None,
+    show_progress: bool = False,
+) -> tuple[str, Any, bool]:
+    """Start Ray, create the job's one MLflow run, run `worker_fn` on the workers, close the run.
+
+    `worker_fn` receives `worker_config` plus `run_id` and `tracking_uri`. Returns the run id,
+    Ray Train's result and whether workers used GPUs. The run ends FINISHED, FAILED (with the
+    error as a tag) or KILLED, whatever happens.
+    """
+    job, uri = prepared.job, prepared.tracking_uri
     ray_ready = _start_ray_in_background(job.scaling)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-trainer-mlflow")
     store_ready: Future = pool.submit(tracking.prepare_store, uri, job.tracking.experiment)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from dist_trainer.workers import train_fn
 
     try:
         ray_ready.result()
@@ -251,33 +263,17 @@ def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
         experiment_id = store_ready.result()
     finally:
         pool.shutdown(wait=True)
-    params = {**flatten(prepared.config), **plan.as_params(), "scaling.resolved_use_gpu": use_gpu}
-    artifacts = {
-        "config.yaml": OmegaConf.to_yaml(OmegaConf.create(prepared.config)),
-        "batch_plan.txt": plan.describe() + "\n" + "\n".join(
-            f"{k}: {v}" for k, v in plan.as_params().items()
-        ),
-    }
     run_id = tracking.start_job_run(
-        uri, experiment_id, _run_name(prepared), params, _tags(prepared), artifacts
+        uri, experiment_id, run_name, {**params, "scaling.resolved_use_gpu": use_gpu},
+        {**_tags(prepared), **(tags or {})}, artifacts,
     )
     print(f"[dist-trainer] MLflow run {run_id} in experiment '{job.tracking.experiment}'",
           flush=True)
-    storage = str(Path(job.scaling.storage_path).resolve())
-    Path(storage).mkdir(parents=True, exist_ok=True)
+    storage = Path(job.scaling.storage_path).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
-        train_fn,
-        train_loop_config={
-            "job": prepared.config,
-            "plan": {
-                "global_batch_size": plan.global_batch_size,
-                "world_size": plan.world_size,
-                "micro_batch_size": plan.micro_batch_size,
-                "accumulation_steps": plan.accumulation_steps,
-            },
-            "run_id": run_id,
-            "tracking_uri": uri,
-        },
+        worker_fn,
+        train_loop_config={**worker_config, "run_id": run_id, "tracking_uri": uri},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=job.scaling.num_workers,
@@ -288,7 +284,7 @@ def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
         ),
         run_config=RunConfig(
             name=f"dist_trainer-{run_id}",
-            storage_path=storage,
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=job.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -308,9 +304,44 @@ def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
     finally:
         reporter.stop()
         tracking.finish_job_run(uri, run_id, status, error)
+    return run_id, result, use_gpu
+
+
+def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
+    """Run one training job end to end and return its result (raises ConfigError on bad input)."""
+    t_start = time.perf_counter()
+    prepared = prepare(cfg)
+    job, plan, uri = prepared.job, prepared.plan, prepared.tracking_uri
+    print(f"[dist-trainer] {plan.describe()}", flush=True)
+    from dist_trainer.workers import train_fn
+
+    plan_text = "\n".join([plan.describe(), *(f"{k}: {v}" for k, v in plan.as_params().items())])
+    run_id, result, use_gpu = launch(
+        prepared,
+        train_fn,
+        {
+            "job": prepared.config,
+            "plan": {
+                "global_batch_size": plan.global_batch_size,
+                "world_size": plan.world_size,
+                "micro_batch_size": plan.micro_batch_size,
+                "accumulation_steps": plan.accumulation_steps,
+            },
+        },
+        _run_name(prepared),
+        {**flatten(prepared.config), **plan.as_params()},
+        artifacts={
+            "config.yaml": OmegaConf.to_yaml(OmegaConf.create(prepared.config)),
+            "batch_plan.txt": plan_text + "\n",
+        },
+        show_progress=show_progress,
+    )
     metrics = tracking.latest_metrics(uri, run_id)
     elapsed = time.perf_counter() - t_start
-    reporter.summary(metrics, elapsed)
+    summary = report.comm_summary(uri, run_id, plan.world_size, "nccl" if use_gpu else "gloo")
+    if summary is not None:
+        tracking.log_text(uri, run_id, summary.to_markdown(), "comm_summary.md")
+    ProgressReporter(uri, run_id).summary(metrics, elapsed, summary)
     checkpoint = result.checkpoint.path if result.checkpoint else None
     return JobResult(run_id, job.tracking.experiment, uri, metrics, plan, checkpoint,
                      {"total_s": elapsed})

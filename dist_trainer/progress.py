@@ -99,8 +99,8 @@ class ProgressReporter:
                     print(f"[dist-trainer] step {step}/{total}  loss {loss}  {sps} samples/s",
                           flush=True)
 
-    def summary(self, metrics: dict[str, float], elapsed_s: float) -> None:
-        """The end-of-job table and how to look at the run."""
+    def summary(self, metrics: dict[str, float], elapsed_s: float, comm: Any = None) -> None:
+        """The end-of-job tables (metrics; communication, if measured) and how to open the UI."""
         table = Table(title=f"run {self.run_id}", show_header=True)
         table.add_column("metric")
         table.add_column("value", justify="right")
@@ -109,6 +109,10 @@ class ProgressReporter:
                 continue
             table.add_row(key, f"{metrics[key]:.6g}")
         self.console.print(table)
+        if comm is not None:
+            from rich.markdown import Markdown
+
+            self.console.print(Markdown(comm.to_markdown()))
         self.console.print(
             f"finished in {elapsed_s:.1f} s. MLflow run id: {self.run_id}\n"
             f"Open the UI with `make ui` (mlflow ui --backend-store-uri {self.uri}) and compare "

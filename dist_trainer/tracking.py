@@ -34,6 +34,7 @@ __all__ = [
     "start_job_run",
     "prepare_store",
     "latest_metrics",
+    "log_text",
 ]
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,11 @@ def start_job_run(
     for name, text in (artifacts or {}).items():
         client.log_text(run_id, text, name)
     return run_id
+
+
+def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    """A text artifact from the driver (summaries, reports)."""
+    _client(uri).log_text(run_id, text, artifact_file)
 
 
 def finish_job_run(uri: str, run_id: str, status: str, error: str | None = None) -> None:
