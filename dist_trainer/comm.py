@@ -239,6 +239,7 @@ class CommMeter:
         self._current: list[_BucketRecord] = []
         self._finished: list[tuple[int, list[_BucketRecord]]] = []
         self._steps_ended = 0
+        self._world_size = 1
 
     @property
     def enabled(self) -> bool:
@@ -263,6 +264,7 @@ class CommMeter:
             return
         if self._attached:
             raise RuntimeError("CommMeter is already attached to a DDP model")
+        self._world_size = dist.get_world_size(self._group)
         ddp_model.register_comm_hook(self._group, self._hook)
         self._attached = True
 
@@ -277,7 +279,7 @@ class CommMeter:
         nbytes = buffer.numel() * buffer.element_size()
         if buffer.is_cuda:
             start: Any = torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(torch.cuda.current_stream(buffer.device))
         else:
             start = time.perf_counter()
         record = _BucketRecord(nbytes, start)
@@ -290,7 +292,7 @@ class CommMeter:
                 # Runs with a current stream that waits on the collective, so this event
                 # completes when the all-reduce has finished on the GPU.
                 end = torch.cuda.Event(enable_timing=True)
-                end.record()
+                end.record(torch.cuda.current_stream(buffer.device))
                 record.end = end
             else:
                 record.end = time.perf_counter()
@@ -327,9 +329,7 @@ class CommMeter:
             ):
                 ready += 1
             finished, self._finished = self._finished[:ready], self._finished[ready:]
-        group = self._group if self._group is not None else dist.group.WORLD
-        world_size = dist.get_world_size(group) if finished else 1
-        return [self._summarize(step, buckets, world_size) for step, buckets in finished]
+        return [self._summarize(step, buckets, self._world_size) for step, buckets in finished]
 
     @staticmethod
     def _summarize(step: int, buckets: list[_BucketRecord], world_size: int) -> StepComm:

@@ -211,8 +211,8 @@ class TrackingConfig:
     """Extra tags on the run."""
     log_model: bool = True
     """Log the final weights as an artifact."""
-    system_metrics: bool = False
-    """Also log MLflow's own host CPU/memory system metrics from each worker (needs psutil)."""
+    system_metrics: bool = True
+    """Log MLflow's own host metrics (CPU, memory, disk, network) per node as system/node<i>/..."""
 
     def __post_init__(self) -> None:
         _require(bool(self.uri), "tracking.uri must not be empty. Fix: tracking.uri=sqlite:///mlflow.db")
@@ -254,7 +254,7 @@ class TelemetryConfig:
     enabled: bool = True
     """Sample GPU utilization, memory, power, temperature and clocks via NVML (off without NVML)."""
     interval_s: float = 1.0
-    """Seconds between NVML samples in the background thread."""
+    """Seconds between NVML samples in the background thread (MLflow host metrics: 5x this)."""
 
     def __post_init__(self) -> None:
         _require(self.interval_s > 0, "telemetry.interval_s must be > 0")

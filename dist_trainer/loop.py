@@ -38,7 +38,7 @@ from dist_trainer.build import build_data, build_model, build_optimizer, build_s
 from dist_trainer.config import JobConfig
 from dist_trainer.sampling import GlobalBatchSampler, StepBatch, shard_for_rank
 from dist_trainer.tasks import loss_sums
-from dist_trainer.tracking import NullLogger, RunLogger
+from dist_trainer.tracking import NullLogger, RunLogger, SystemMetrics
 
 __all__ = ["CheckpointSink", "LocalCheckpointSink", "Trainer", "WorkerInfo", "run_training"]
 
@@ -415,6 +415,8 @@ class Trainer:
             )
         if self.sampler_gpu:
             self.sampler_gpu.start()
+        elif self.job.telemetry.enabled and self.info.rank == 0:
+            log.info("GPU telemetry is off: workers run on %s", self.device.type)
         self._last_checkpoint = self.step
         last: dict[str, float] = {}
         self._reset_interval()
@@ -494,6 +496,12 @@ def run_training(
     logger = (
         RunLogger(tracking_uri, run_id) if info.rank == 0 and run_id and tracking_uri else None
     )
+    # One host monitor per node (local rank 0): MLflow already does CPU and host memory well.
+    host = (
+        SystemMetrics(tracking_uri, run_id, f"node{info.node_rank}", job.telemetry.interval_s * 5)
+        if job.tracking.system_metrics and info.local_rank == 0 and run_id and tracking_uri
+        else None
+    )
     try:
         trainer = Trainer(job, plan, info, logger=logger, sink=sink)
         if info.rank == 0:
@@ -501,6 +509,8 @@ def run_training(
         metrics = trainer.fit()
         trainer.log_final_weights()
     finally:
+        if host is not None:
+            host.stop()
         if logger is not None:
             logger.close()
     return metrics

@@ -6,6 +6,7 @@ without permission to query a counter keeps training and simply reports fewer nu
 Units: bytes, watts, degrees Celsius, MHz, percent.
 """
 
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -189,10 +190,8 @@ def _describe(exc: BaseException) -> str:
 
 def _shutdown(pynvml: Any) -> None:
     """nvmlShutdown that cannot raise (telemetry must never take training down)."""
-    try:
+    with contextlib.suppress(Exception):
         pynvml.nvmlShutdown()
-    except Exception:
-        pass
 
 
 def process_memory() -> dict[str, float]:

@@ -27,6 +27,7 @@ from dist_trainer.config import ConfigError
 __all__ = [
     "NullLogger",
     "RunLogger",
+    "SystemMetrics",
     "check_tracking_uri",
     "finish_job_run",
     "normalize_tracking_uri",
@@ -161,6 +162,49 @@ def finish_job_run(uri: str, run_id: str, status: str, error: str | None = None)
     if error:
         client.set_tag(run_id, "error", error[:5000])
     client.set_terminated(run_id, status=status)
+
+
+class SystemMetrics:
+    """MLflow's own host metrics (CPU, memory, disk, network; GPU via NVML) for one node.
+
+    Logged as `system/<node_id>/...` into the job's run. Started from a thread so the worker's
+    first step does not wait for `import mlflow`.
+
+    Args:
+        uri: tracking URI.
+        run_id: the job's run.
+        node_id: the node's name in the metric keys (e.g. "node0").
+        interval_s: seconds between samples.
+    """
+
+    def __init__(self, uri: str, run_id: str, node_id: str, interval_s: float = 10.0) -> None:
+        self._monitor = None
+        self._lock = threading.Lock()
+        self._stopped = False
+        args = (uri, run_id, node_id, interval_s)
+        threading.Thread(target=self._start, args=args, name="mlflow-system", daemon=True).start()
+
+    def _start(self, uri: str, run_id: str, node_id: str, interval_s: float) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                run_id, sampling_interval=interval_s, node_id=node_id, tracking_uri=uri,
+                resume_logging=True,
+            )
+            with self._lock:
+                if self._stopped:
+                    return
+                monitor.start()
+                self._monitor = monitor
+        except Exception as exc:  # noqa: BLE001 - host metrics are a nicety, never fatal
+            log.info("MLflow system metrics are off: %s", exc)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            if self._monitor is not None:
+                self._monitor.finish()
 
 
 class NullLogger:

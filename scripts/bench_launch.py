@@ -50,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -87,37 +88,138 @@ def steady_rate(steps: list[int], times: list[float], samples: dict[int, int] | 
     if len(kept) < 2:
         return math.nan, None
     (s0, t0), (s1, t1) = kept[0], kept[-1]
-    n = (
-        sum(samples.get(s, GLOBAL_BATCH) for s in range(s0 + 1, s1 + 1))
-        if samples
-        else ((s1 - s0) * GLOBAL_BATCH)
-    )
+    n = sum((samples or {}).get(s, GLOBAL_BATCH) for s in range(s0 + 1, s1 + 1))
     return n / (t1 - t0), (s0, s1)
+
+
+def interval_rates(steps: list[int], times: list[float], window) -> list[float]:
+    """Samples/s of each 10-step interval in the window (steps that are multiples of 10).
+
+    Their median shrugs off short bursts of load from other processes, which the window's mean
+    rate does not; every variant has a timestamp at every 10th step.
+    """
+    if not window:
+        return []
+    grid = [(s, t) for s, t in zip(steps, times, strict=True) if s % 10 == 0]
+    grid = [(s, t) for s, t in grid if window[0] <= s <= window[1]]
+    return [
+        (b - a) * GLOBAL_BATCH / (tb - ta)
+        for (a, ta), (b, tb) in zip(grid, grid[1:], strict=False)
+        if b - a == 10 and tb > ta
+    ]
+
+
+def _proc_stat(pid: int | str) -> list[str] | None:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
 
 
 def _session_members(sid: int) -> list[int]:
     """Processes in session `sid` (the Ray daemons a dist-trainer driver started stay in it)."""
     pids = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 3 and int(fields[3]) == sid:
+        if entry.name.isdigit() and (fields := _proc_stat(entry.name)) and int(fields[3]) == sid:
             pids.append(int(entry.name))
     return pids
 
 
+class CpuSampler:
+    """Samples, twice a second, the machine's busy CPU time and that of the run's processes.
+
+    The run is its session (the subprocess and everything it starts, Ray daemons included).
+    Over a window this gives the CPU other processes on the machine took meanwhile (in cores:
+    the noise that can make one run slower than its neighbour), and the run's CPU by process.
+    """
+
+    def __init__(self, sid: int, period_s: float = 0.5) -> None:
+        self.sid, self.period_s = sid, period_s
+        # (time.time(), machine busy s, {pid: (own u+s s, reaped children u+s s)})
+        self.samples: list[tuple[float, float, dict[int, tuple[float, float]]]] = []
+        self.names: dict[int, str] = {}
+        self._outside: set[str] = set()
+        self._stop = threading.Event()
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _name(self, pid: int) -> str:
+        """The process's name (Ray's process titles), or its script for a plain python."""
+        try:
+            name = (Path("/proc") / str(pid) / "comm").read_text().strip()
+            if name.startswith("python"):
+                raw = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+                words = [w.decode(errors="replace") for w in raw[1:] if w]
+                script = next((w for w in words if not w.startswith("-")), "")
+                if "-c" in words:  # e.g. a multiprocessing spawn child
+                    code = words[words.index("-c") + 1] if words[-1] != "-c" else ""
+                    name = "python -c " + code.split(";")[-1].strip()
+                else:
+                    name = Path(script).name or name
+        except OSError:
+            name = self.names.get(pid, "?")
+        return name[:40]
+
+    def _sample(self) -> None:
+        cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        machine = sum(cpu) - cpu[3] - cpu[4]  # all but idle and iowait
+        procs = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or entry.name in self._outside:
+                continue
+            f = _proc_stat(entry.name)
+            if f is None or int(f[3]) != self.sid:
+                self._outside.add(entry.name)  # not ours: never read again
+            else:
+                pid = int(entry.name)
+                own = (int(f[11]) + int(f[12])) / self._tick
+                procs[pid] = (own, (int(f[13]) + int(f[14])) / self._tick)
+                self.names[pid] = self._name(pid)
+        self.samples.append((time.time(), machine / self._tick, procs))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self._sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _ends(self, t0: float, t1: float):
+        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        return (inside[0], inside[-1]) if len(inside) >= 2 else None
+
+    def other_cores(self, t0: float, t1: float) -> float:
+        """Mean cores busy outside the run between t0 and t1 (nan if too few samples)."""
+        ends = self._ends(t0, t1)
+        if ends is None:
+            return math.nan
+        (a, ma, pa), (b, mb, pb) = ends
+        run = sum(map(sum, pb.values())) - sum(map(sum, pa.values()))
+        return max(0.0, (mb - ma) - run) / (b - a)
+
+    def by_process(self, t0: float, t1: float) -> list[tuple[str, int, float]]:
+        """(name, pid, cores) of the run's processes between t0 and t1, busiest first."""
+        ends = self._ends(t0, t1)
+        if ends is None:
+            return []
+        (a, _, pa), (b, _, pb) = ends
+        out = [
+            (self.names.get(pid, "?"), pid, (own - pa.get(pid, (0.0, 0.0))[0]) / (b - a))
+            for pid, (own, _) in pb.items()
+        ]
+        return sorted(out, key=lambda x: -x[2])
+
+
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, timeout: float):
-    """Run cmd in its own session; return (launch time.time(), exit time.time())."""
+    """Run cmd in its own session; return (launch time.time(), exit time.time(), CpuSampler)."""
     with log.open("w") as out:
         launch = time.time()
         proc = subprocess.Popen(
             cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+        sampler = CpuSampler(proc.pid)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -130,13 +232,33 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, timeout: flo
     deadline = time.monotonic() + 20
     while _session_members(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
+    sampler.stop()
     for pid in _session_members(proc.pid):
         with contextlib.suppress(OSError):
             os.kill(pid, 9)
     if rc != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
         raise RuntimeError(f"{' '.join(cmd)} failed ({rc}); log {log}:\n{tail}")
-    return launch, exited
+    return launch, exited, sampler
+
+
+def _noise(cpu: CpuSampler, launch: float, steps: list, times: list, window) -> dict:
+    """Cores other processes kept busy: during launch and during the steady window."""
+    steady = math.nan
+    if window:
+        steady = cpu.other_cores(times[steps.index(window[0])], times[steps.index(window[1])])
+    procs = []
+    if window:
+        t0, t1 = times[steps.index(window[0])], times[steps.index(window[1])]
+        procs = [(n, p, round(c, 3)) for n, p, c in cpu.by_process(t0, t1) if c >= 0.005]
+    ranks = sum(c for _, _, c in procs[:WORLD])  # the two busiest processes are the ranks
+    return {
+        "other_cores_launch": cpu.other_cores(launch, times[0]),
+        "other_cores_steady": steady,
+        "run_cores_ranks_steady": ranks,
+        "run_cores_rest_steady": sum(c for _, _, c in procs[WORLD:]),
+        "run_processes_steady": procs,
+    }
 
 
 def run_plain(cfg: argparse.Namespace, work: Path, log: Path) -> dict:
@@ -148,13 +270,15 @@ def run_plain(cfg: argparse.Namespace, work: Path, log: Path) -> dict:
         "--world-size", str(WORLD), "--threads", str(cfg.threads), "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}  # what Ray gives its workers
-    launch, exited = _run(cmd, work, env, log, cfg.timeout)
+    launch, exited, cpu = _run(cmd, work, env, log, cfg.timeout)
     data = json.loads(out.read_text())
     times = data["step_end_times"]
     steps = list(range(1, len(times) + 1))
     samples = dict(zip(steps, data["samples_per_step"], strict=True))
     rate, window = steady_rate(steps, times, samples, cfg.steps)
     return {
+        "steady_interval_median": _median(interval_rates(steps, times, window)),
+        **_noise(cpu, launch, steps, times, window),
         "first_step_s": times[0] - launch,
         "steady_samples_per_s": rate,
         "window": window,
@@ -190,7 +314,7 @@ def dt_overrides(cfg: argparse.Namespace, work: Path, variant: str) -> list[str]
 
 def run_dt(cfg: argparse.Namespace, work: Path, log: Path, variant: str) -> dict:
     cmd = [str(VENV_BIN / "dist-trainer"), "train", *dt_overrides(cfg, work, variant)]
-    launch, exited = _run(cmd, work, dict(os.environ), log, cfg.timeout)
+    launch, exited, cpu = _run(cmd, work, dict(os.environ), log, cfg.timeout)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
@@ -207,6 +331,8 @@ def run_dt(cfg: argparse.Namespace, work: Path, log: Path, variant: str) -> dict
         raise RuntimeError(f"{variant}: train/loss logged at steps {steps[:3]}..{steps[-1:]}")
     rate, window = steady_rate(steps, times, None, cfg.steps)
     return {
+        "steady_interval_median": _median(interval_rates(steps, times, window)),
+        **_noise(cpu, launch, steps, times, window),
         "first_step_s": times[0] - launch,
         "steady_samples_per_s": rate,
         "window": window,
@@ -229,24 +355,29 @@ def summarize(runs: list[dict], variants: list[str]) -> tuple[dict, dict]:
         mine = [r for r in runs if r["variant"] == v]
         medians[v] = {
             key: _median([r[key] for r in mine])
-            for key in ("first_step_s", "steady_samples_per_s", "last_step_to_exit_s", "total_s")
-        }
+            for key in (
+                "first_step_s", "steady_samples_per_s", "steady_interval_median",
+                "last_step_to_exit_s", "total_s",
+                "other_cores_launch", "other_cores_steady", "run_cores_ranks_steady",
+                "run_cores_rest_steady",
+            )
+        }  # fmt: skip
         medians[v]["repeats"] = len(mine)
     ratios: dict[str, float] = {}
 
     def steady(a: str, b: str) -> None:
-        if a in medians and b in medians:
-            ratios[f"steady {a}/{b}"] = (
-                medians[a]["steady_samples_per_s"] / medians[b]["steady_samples_per_s"]
-            )
-            # Paired per repeat (same neighbourhood in time), then the median of those.
-            pairs = []
-            for rep in sorted({r["repeat"] for r in runs}):
-                ra = [r for r in runs if r["variant"] == a and r["repeat"] == rep]
-                rb = [r for r in runs if r["variant"] == b and r["repeat"] == rep]
-                if ra and rb:
-                    pairs.append(ra[0]["steady_samples_per_s"] / rb[0]["steady_samples_per_s"])
-            ratios[f"steady {a}/{b} (median of paired repeats)"] = _median(pairs)
+        if a not in medians or b not in medians:
+            return
+        for key, label in (("steady_samples_per_s", ""), ("steady_interval_median", " [10-step]")):
+            ratios[f"steady {a}/{b}{label}"] = medians[a][key] / medians[b][key]
+        # Paired per repeat (neighbours in time), then the median of those ratios.
+        pairs = []
+        for rep in sorted({r["repeat"] for r in runs}):
+            ra = [r for r in runs if r["variant"] == a and r["repeat"] == rep]
+            rb = [r for r in runs if r["variant"] == b and r["repeat"] == rep]
+            if ra and rb:
+                pairs.append(ra[0]["steady_samples_per_s"] / rb[0]["steady_samples_per_s"])
+        ratios[f"steady {a}/{b} [paired repeats]"] = _median(pairs)
 
     steady("dt", "plain")
     steady("dt_log1", "plain")
@@ -320,24 +451,48 @@ def main() -> int:
             print(
                 f"  [{rep}] {variant:8s} first step {result['first_step_s']:6.2f} s  "
                 f"steady {result['steady_samples_per_s']:7.0f} samples/s  "
-                f"exit {result['total_s']:6.1f} s{extra}",
+                f"exit {result['total_s']:6.1f} s  other load {result['other_cores_launch']:.2f}"
+                f"/{result['other_cores_steady']:.2f} cores  run: ranks "
+                f"{result['run_cores_ranks_steady']:.2f} + rest "
+                f"{result['run_cores_rest_steady']:.2f} cores{extra}",
                 flush=True,
             )
     medians, ratios = summarize(runs, variants)
     print(f"\nmedians over {cfg.repeats} repeat(s), {cfg.steps} steps each:")
-    header = f"{'variant':36s} {'first step s':>12s} {'steady samples/s':>17s} {'exit s':>8s}"
-    print(header + f" {'last step->exit s':>18s}")
+    header = (
+        f"{'variant':34s} {'first step s':>12s} {'steady /s':>10s} {'10-step /s':>10s} "
+        f"{'exit s':>7s}"
+    )
+    print(header + f" {'last step->exit s':>17s} {'other load':>11s} {'run rest':>8s}")
     for v in variants:
         m = medians[v]
         print(
-            f"{DESCRIPTIONS[v]:36s} {m['first_step_s']:12.2f} {m['steady_samples_per_s']:17.0f} "
-            f"{m['total_s']:8.1f} {m['last_step_to_exit_s']:18.2f}"
+            f"{DESCRIPTIONS[v]:34s} {m['first_step_s']:12.2f} {m['steady_samples_per_s']:10.0f} "
+            f"{m['steady_interval_median']:10.0f} {m['total_s']:7.1f} "
+            f"{m['last_step_to_exit_s']:17.2f} "
+            f"{m['other_cores_launch']:5.2f}/{m['other_cores_steady']:4.2f} "
+            f"{m['run_cores_rest_steady']:8.2f}"
         )
+    print(
+        "steady /s: mean rate over the window; 10-step /s: median of its 10-step intervals.\n"
+        "other load: cores busy outside the run (other processes on the machine) during "
+        "launch/steady window; with 2 cores anything above ~0.1 disturbs the figures.\n"
+        "run rest: cores the run's own processes other than its 2 busiest (the ranks) used in "
+        "the steady window (Ray daemons, driver, ...)"
+    )
+    for v in variants:
+        last = [r for r in runs if r["variant"] == v][-1]
+        top = ", ".join(f"{n} {c:.2f}" for n, _, c in last["run_processes_steady"][:8])
+        print(f"  {v}: busiest processes in the steady window (cores): {top}")
     print("\nratios:")
-    targets = {"steady dt/plain": 0.98, "steady dt/dt_off": 0.98}
+    targets = {
+        f"steady {a}/{b}{x}": 0.98
+        for a, b in (("dt", "plain"), ("dt", "dt_off"))
+        for x in ("", " [10-step]", " [paired repeats]")
+    }
     for key, value in ratios.items():
         target = f"   (target >= {targets[key]})" if key in targets else ""
-        print(f"  {key:48s} {value:8.3f}{target}")
+        print(f"  {key:40s} {value:8.3f}{target}")
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     cfg.out.write_text(
         json.dumps(

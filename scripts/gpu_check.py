@@ -46,8 +46,12 @@ def main() -> int:
         "nvml utilization > 0": any(v > 0 for k, v in gpu.items() if "gpu_util" in k),
         "nvml memory > 0": any(v > 0 for k, v in gpu.items() if "mem_used" in k),
     }
-    print(json.dumps({"device": torch.cuda.get_device_name(0), "checks": checks,
-                      "metrics": metrics}, default=float))
+    print(
+        json.dumps(
+            {"device": torch.cuda.get_device_name(0), "checks": checks, "metrics": metrics},
+            default=float,
+        )
+    )
     return 0 if all(checks.values()) else 1
 
 

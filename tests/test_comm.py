@@ -156,8 +156,7 @@ def test_plot_sweep_writes_png(tmp_path: Path) -> None:
     sizes = default_sweep_sizes(1024, 2**20)
     fit = AlphaBetaFit(alpha_s=5e-5, beta_bytes_per_s=2e9, r2=0.99, world_size=2)
     points = [
-        SweepPoint(s, predict_time(fit, s), algbw_gbps(s, predict_time(fit, s)), 0.0)
-        for s in sizes
+        SweepPoint(s, predict_time(fit, s), algbw_gbps(s, predict_time(fit, s)), 0.0) for s in sizes
     ]
     out = tmp_path / "plots" / "sweep.png"
     plot_sweep(points, fit, out, "synthetic")
@@ -215,7 +214,14 @@ def _check_hook_and_buckets(rank: int) -> dict[str, Any]:
     out["grads_max_abs_diff"] = max_diff
     steps = meter.collect()
     out["small_cap_steps"] = [
-        {"step": s.step, "bytes": s.bytes, "buckets": s.buckets, "bucket_bytes": s.bucket_bytes}
+        {
+            "step": s.step,
+            "bytes": s.bytes,
+            "buckets": s.buckets,
+            "bucket_bytes": s.bucket_bytes,
+            "allreduce_s": s.allreduce_s,
+            "allreduce_sum_s": s.allreduce_sum_s,
+        }
         for s in steps
     ]
     out["collect_again"] = len(meter.collect())
@@ -253,9 +259,9 @@ def _check_hook_and_buckets(rank: int) -> dict[str, Any]:
 def _check_against_plain_loop() -> dict[str, Any]:
     """Meter's allreduce_s vs a plain blocking all-reduce loop over the same bucket sizes.
 
-    Eight 1024x1024 layers with batch 1: ~34 MB of gradients in two buckets, while backward is a
-    few outer products, so communication dominates and both sides time the same transfers. The
-    two are interleaved step by step so that machine noise hits both alike.
+    Batch 1 and ~29 MB of gradients: backward is a few outer products, so communication
+    dominates and both sides time the same transfers. The two are interleaved step by step so
+    that machine noise hits both alike.
 
     Per step the minimum over ranks is compared. A rank's in-flight time includes waiting for a
     slower peer to launch the same bucket (rank skew: on a shared 2-core machine one rank's
@@ -263,14 +269,16 @@ def _check_against_plain_loop() -> dict[str, Any]:
     launched last never waits, so its time is the transfer itself on both sides.
     """
     torch.manual_seed(1)
-    # An explicit bucket_cap_mb also caps bucket 0 (left alone, DDP caps it at 1 MB, so the last
-    # layer would launch alone and overlap with seven layers of backward on a shared CPU): this
-    # gives [7 layers, 1 layer], the first launched when only one layer's backward is left.
-    # Gradients are written straight into the buckets: no bucket copy competes with transfers.
-    ddp = DDP(_mlp(1024, 8), bucket_cap_mb=25, gradient_as_bucket_view=True)
+    # Seven 1024x1024 layers behind a 16-wide input layer. With an explicit bucket_cap_mb (which
+    # also replaces DDP's 1 MB cap on bucket 0) the buckets are [7 big layers, input layer]: the
+    # big one launches when all that is left of backward is the input layer's tiny outer
+    # product, so nothing competes with the transfers for the CPU. Gradients are written
+    # straight into the buckets (no bucket copy either).
+    model = torch.nn.Sequential(torch.nn.Linear(16, 1024), _mlp(1024, 7))
+    ddp = DDP(model, bucket_cap_mb=25, gradient_as_bucket_view=True)
     meter = CommMeter()
     meter.attach(ddp)
-    x = torch.randn(1, 1024)
+    x = torch.randn(1, 16)
     warmup, measured = 3, 13
     meter_s, meter_sum_s, plain_s = [], [], []
     bucket_bytes: list[int] = []
@@ -359,6 +367,7 @@ def test_bytes_and_buckets(gloo_results: list[dict[str, Any]]) -> None:
         for s in steps:
             assert s["bytes"] == expected  # 4 bytes per fp32 parameter, exactly
             assert s["buckets"] == len(s["bucket_bytes"]) and sum(s["bucket_bytes"]) == expected
+            assert 0 < s["allreduce_s"] <= s["allreduce_sum_s"] + 1e-12
         assert hook["collect_again"] == 0
         assert hook["default_cap_bytes"] == expected
         # A 0.3 MB cap splits the 2.1 MB of gradients into more buckets than the default 25 MB.

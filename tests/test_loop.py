@@ -138,3 +138,66 @@ def test_every_experiment_preset_runs_one_step(preset):
     assert trainer.step == 1
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert "val/loss" in metrics
+
+
+class _Recorder:
+    """Keeps what rank 0 would log (the loop's logger interface, in memory)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def log_metrics(self, metrics, step):
+        self.rows.append(dict(metrics))
+
+    def log_params(self, params):
+        pass
+
+    def log_artifact(self, local_path, artifact_path=None):
+        pass
+
+    def close(self):
+        pass
+
+
+def _exposed_worker(rank: int, world: int, port: int, caps: list[float], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        exposed = {}
+        for cap in caps:
+            job = job_config(
+                "experiment=bench_mlp", "data.num_samples=2048", "trainer.global_batch_size=64",
+                "trainer.max_micro_batch_size=16", "trainer.max_steps=24",
+                "trainer.log_every_n_steps=4", f"scaling.bucket_cap_mb={cap}",
+                # Many small layers: DDP never splits a parameter, so small buckets need them.
+                "model.hidden_sizes=[64,64,64,64,64,64,64,64,64,64,64,64,64,64,64,64,64,64,64,64]",
+            )
+            plan = plan_batches(64, world, 16)
+            recorder = _Recorder()
+            trainer = Trainer(job, plan, WorkerInfo(rank, world, rank, 0, torch.device("cpu")),
+                              logger=recorder)
+            trainer.fit()
+            rows = [r for r in recorder.rows if "comm/exposed_s" in r][1:]  # skip warm-up
+            exposed[cap] = {
+                "exposed_s": sorted(r["comm/exposed_s"] for r in rows)[len(rows) // 2],
+                "buckets": rows[-1]["comm/buckets"],
+                "bytes": rows[-1]["comm/bytes"],
+            }
+        if rank == 0:
+            torch.save(exposed, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_exposed_communication_responds_to_dearer_communication(tmp_path):
+    """Same model, batch and compute; tiny DDP buckets make communication dearer (hundreds of
+    all-reduce calls, each paying gloo's latency): comm/exposed_s must rise."""
+    out = str(tmp_path / "exposed.pt")
+    cheap, dear = 25.0, 0.001
+    mp.spawn(_exposed_worker, args=(2, free_port(), [cheap, dear], out), nprocs=2, join=True)
+    result = torch.load(out, weights_only=False)
+    print(result)
+    assert result[dear]["buckets"] >= 20 * result[cheap]["buckets"]
+    assert result[dear]["bytes"] == result[cheap]["bytes"]  # same gradient, more pieces
+    assert result[dear]["exposed_s"] > 2 * result[cheap]["exposed_s"] + 1e-3, result
