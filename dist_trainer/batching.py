@@ -116,7 +116,7 @@ def plan_batches(
     """Solve micro-batch x accumulation x world size == global batch, exactly.
 
     Args:
-        global_batch_size: samples per optimizer step over all workers (`trainer.global_batch_size`).
+        global_batch_size: samples per optimizer step, all workers (`trainer.global_batch_size`).
         world_size: number of workers (`scaling.num_workers`).
         max_micro_batch_size: the largest micro-batch one worker can hold
             (`trainer.max_micro_batch_size`); None means no cap (one micro-step per step).

@@ -47,10 +47,16 @@ def sweep_and_log(
     )
     backend = "nccl" if device.type == "cuda" else "gloo"
     for p in points:
-        print(f"  {p.size_bytes:>11,d} B  {p.time_s * 1e6:>10.1f} us  algbw "
-              f"{p.algbw_gbps:8.3f} GB/s  busbw {p.busbw_gbps:8.3f} GB/s", flush=True)
-    print(f"  alpha-beta fit: alpha {fit.alpha_s * 1e6:.1f} us, beta "
-          f"{fit.beta_bytes_per_s / 1e9:.3f} GB/s, r2 {fit.r2:.4f}", flush=True)
+        print(
+            f"  {p.size_bytes:>11,d} B  {p.time_s * 1e6:>10.1f} us  algbw "
+            f"{p.algbw_gbps:8.3f} GB/s  busbw {p.busbw_gbps:8.3f} GB/s",
+            flush=True,
+        )
+    print(
+        f"  alpha-beta fit: alpha {fit.alpha_s * 1e6:.1f} us, beta "
+        f"{fit.beta_bytes_per_s / 1e9:.3f} GB/s, r2 {fit.r2:.4f}",
+        flush=True,
+    )
     if not (tracking_uri and run_id):
         return points
     logger = RunLogger(tracking_uri, run_id)
@@ -58,14 +64,19 @@ def sweep_and_log(
     try:
         for p in points:
             logger.log_metrics(
-                {"bench_comm/time_s": p.time_s, "bench_comm/algbw_gbps": p.algbw_gbps,
-                 "bench_comm/busbw_gbps": p.busbw_gbps},
+                {
+                    "bench_comm/time_s": p.time_s,
+                    "bench_comm/algbw_gbps": p.algbw_gbps,
+                    "bench_comm/busbw_gbps": p.busbw_gbps,
+                },
                 step=p.size_bytes,
             )
         logger.log_metrics(
-            {"bench_comm/alpha_s": fit.alpha_s,
-             "bench_comm/beta_gbps": fit.beta_bytes_per_s / 1e9,
-             "bench_comm/fit_r2": fit.r2},
+            {
+                "bench_comm/alpha_s": fit.alpha_s,
+                "bench_comm/beta_gbps": fit.beta_bytes_per_s / 1e9,
+                "bench_comm/fit_r2": fit.r2,
+            },
             step=0,
         )
         logger.log_params({"bench_comm.backend": backend, "bench_comm.sizes": len(points)})
@@ -73,9 +84,7 @@ def sweep_and_log(
         with open(table, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["size_bytes", "time_s", "algbw_gbps", "busbw_gbps"])
-            writer.writerows(
-                [p.size_bytes, p.time_s, p.algbw_gbps, p.busbw_gbps] for p in points
-            )
+            writer.writerows([p.size_bytes, p.time_s, p.algbw_gbps, p.busbw_gbps] for p in points)
         plot = os.path.join(folder, "allreduce_sweep.png")
         comm.plot_sweep(points, fit, plot, f"all-reduce, {backend}, {world_size} workers")
         logger.log_artifact(table)
@@ -113,8 +122,11 @@ def run_bench_comm(cfg: Any) -> str:
         "warmup": job.comm.sweep_warmup,
         "repeats": job.comm.sweep_repeats,
     }
-    print(f"[dist-trainer] all-reduce sweep {sweep['min_bytes']:,d} to {sweep['max_bytes']:,d} "
-          f"bytes on {job.scaling.num_workers} workers", flush=True)
+    print(
+        f"[dist-trainer] all-reduce sweep {sweep['min_bytes']:,d} to {sweep['max_bytes']:,d} "
+        f"bytes on {job.scaling.num_workers} workers",
+        flush=True,
+    )
     run_id, _, _ = launch(
         prepared,
         _bench_comm_fn,
@@ -128,6 +140,9 @@ def run_bench_comm(cfg: Any) -> str:
         },
         tags={BENCH_TAG: "bench-comm"},
     )
-    print(f"[dist-trainer] bench-comm run {run_id}: curve, alpha-beta fit and "
-          "allreduce_sweep.png are in MLflow (`make ui`)", flush=True)
+    print(
+        f"[dist-trainer] bench-comm run {run_id}: curve, alpha-beta fit and "
+        "allreduce_sweep.png are in MLflow (`make ui`)",
+        flush=True,
+    )
     return run_id

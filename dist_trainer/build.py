@@ -29,9 +29,7 @@ def _accepted(target: Any, offered: dict[str, Any], already: Iterable[str]) -> d
     except (TypeError, ValueError):
         return {}
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return {
-        k: v for k, v in offered.items() if k not in already and (takes_any or k in params)
-    }
+    return {k: v for k, v in offered.items() if k not in already and (takes_any or k in params)}
 
 
 def build_data(job: JobConfig) -> DataBundle:

@@ -82,9 +82,7 @@ class TrainerConfig:
             f"trainer.max_micro_batch_size must be a positive integer or 'auto', got {m!r}. "
             "Fix: trainer.max_micro_batch_size=auto",
         )
-        _require(
-            self.max_epochs > 0, f"trainer.max_epochs must be > 0, got {self.max_epochs}"
-        )
+        _require(self.max_epochs > 0, f"trainer.max_epochs must be > 0, got {self.max_epochs}")
         _require(
             self.max_steps is None or self.max_steps > 0,
             f"trainer.max_steps must be > 0 or null, got {self.max_steps}",
@@ -215,7 +213,9 @@ class TrackingConfig:
     """Log MLflow's own host metrics (CPU, memory, disk, network) per node as system/node<i>/..."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.uri), "tracking.uri must not be empty. Fix: tracking.uri=sqlite:///mlflow.db")
+        _require(
+            bool(self.uri), "tracking.uri must not be empty. Fix: tracking.uri=sqlite:///mlflow.db"
+        )
         _require(bool(self.experiment), "tracking.experiment must not be empty")
 
 

@@ -56,6 +56,7 @@ def _start_ray_in_background(scaling: Any) -> Future:
     threading.Thread(target=keeper, name="dist-trainer-ray", daemon=True).start()
     return future
 
+
 # Ray Train V2 levers measured on small machines (REFERENCE.md): a short health-check interval
 # makes each report and the teardown fast; the preemption watcher competes with DDP's first
 # torch._dynamo import. Users can still override them in their environment.
@@ -207,7 +208,10 @@ def _tags(prepared: Prepared) -> dict[str, str]:
 
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -264,11 +268,16 @@ def launch(
     finally:
         pool.shutdown(wait=True)
     run_id = tracking.start_job_run(
-        uri, experiment_id, run_name, {**params, "scaling.resolved_use_gpu": use_gpu},
-        {**_tags(prepared), **(tags or {})}, artifacts,
+        uri,
+        experiment_id,
+        run_name,
+        {**params, "scaling.resolved_use_gpu": use_gpu},
+        {**_tags(prepared), **(tags or {})},
+        artifacts,
     )
-    print(f"[dist-trainer] MLflow run {run_id} in experiment '{job.tracking.experiment}'",
-          flush=True)
+    print(
+        f"[dist-trainer] MLflow run {run_id} in experiment '{job.tracking.experiment}'", flush=True
+    )
     storage = Path(job.scaling.storage_path).resolve()
     storage.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
@@ -278,8 +287,10 @@ def launch(
         scaling_config=ScalingConfig(
             num_workers=job.scaling.num_workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": job.scaling.cpus_per_worker,
-                                  **job.scaling.resources_per_worker},
+            resources_per_worker={
+                "CPU": job.scaling.cpus_per_worker,
+                **job.scaling.resources_per_worker,
+            },
             placement_strategy=job.scaling.placement_strategy,
         ),
         run_config=RunConfig(
@@ -343,5 +354,6 @@ def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
         tracking.log_text(uri, run_id, summary.to_markdown(), "comm_summary.md")
     ProgressReporter(uri, run_id).summary(metrics, elapsed, summary)
     checkpoint = result.checkpoint.path if result.checkpoint else None
-    return JobResult(run_id, job.tracking.experiment, uri, metrics, plan, checkpoint,
-                     {"total_s": elapsed})
+    return JobResult(
+        run_id, job.tracking.experiment, uri, metrics, plan, checkpoint, {"total_s": elapsed}
+    )

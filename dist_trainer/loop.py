@@ -100,7 +100,11 @@ class LocalCheckpointSink:
 
     def latest(self) -> dict[str, Any] | None:
         path = self.folder / "latest.pt" if self.folder else None
-        return torch.load(path, map_location="cpu", weights_only=False) if path and path.exists() else None
+        return (
+            torch.load(path, map_location="cpu", weights_only=False)
+            if path and path.exists()
+            else None
+        )
 
     def save(self, state: dict[str, Any] | None, metrics: dict[str, float], step: int) -> None:
         if state is None or self.folder is None:
@@ -198,7 +202,9 @@ class Trainer:
             return x, y
         return dataset, None
 
-    def _fetch(self, x_all: Any, y_all: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fetch(
+        self, x_all: Any, y_all: Any, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if y_all is not None:
             idx = idx.to(self.device, non_blocking=True)
             return x_all[idx], y_all[idx]
@@ -271,8 +277,10 @@ class Trainer:
     def _gather(self, values: list[float], on_device: list[torch.Tensor]) -> torch.Tensor:
         """Every rank's vector, as a [world, K] float64 tensor (one collective)."""
         local = torch.cat(
-            [torch.stack(on_device).to(torch.float64),
-             torch.tensor(values, dtype=torch.float64, device=self.device)]
+            [
+                torch.stack(on_device).to(torch.float64),
+                torch.tensor(values, dtype=torch.float64, device=self.device),
+            ]
         )
         if not self.distributed:
             return local[None].cpu()
@@ -422,7 +430,9 @@ class Trainer:
         self._reset_interval()
         while self.step < self.total_steps:
             order = self.sampler.epoch_order(self.epoch)
-            while self.step_in_epoch < self.sampler.steps_per_epoch and self.step < self.total_steps:
+            while (
+                self.step_in_epoch < self.sampler.steps_per_epoch and self.step < self.total_steps
+            ):
                 self.train_step(self.sampler.step(order, self.step_in_epoch))
                 self.step_in_epoch += 1
                 if self.step == 1 or self.step % trainer.log_every_n_steps == 0:
@@ -493,9 +503,7 @@ def run_training(
 ) -> dict[str, float]:
     """Build a Trainer, fit it, log final weights; rank 0 logs into MLflow run `run_id`."""
     logging.basicConfig(level=logging.INFO if info.rank == 0 else logging.WARNING)
-    logger = (
-        RunLogger(tracking_uri, run_id) if info.rank == 0 and run_id and tracking_uri else None
-    )
+    logger = RunLogger(tracking_uri, run_id) if info.rank == 0 and run_id and tracking_uri else None
     # One host monitor per node (local rank 0): MLflow already does CPU and host memory well.
     host = (
         SystemMetrics(tracking_uri, run_id, f"node{info.node_rank}", job.telemetry.interval_s * 5)

@@ -96,8 +96,10 @@ class ProgressReporter:
                     progress.update(task, completed=step, loss=loss, sps=sps)
                 elif time.monotonic() - last_print > 5 or step == total:
                     last_print = time.monotonic()
-                    print(f"[dist-trainer] step {step}/{total}  loss {loss}  {sps} samples/s",
-                          flush=True)
+                    print(
+                        f"[dist-trainer] step {step}/{total}  loss {loss}  {sps} samples/s",
+                        flush=True,
+                    )
 
     def summary(self, metrics: dict[str, float], elapsed_s: float, comm: Any = None) -> None:
         """The end-of-job tables (metrics; communication, if measured) and how to open the UI."""

@@ -61,20 +61,28 @@ class CommSummary:
             ("compute share", f"{100 - pct:.1f} %"),
             ("exposed communication share", f"{pct:.1f} % ({self.exposed_s * 1e3:.2f} ms)"),
             ("all-reduce in flight per step", f"{self.allreduce_s * 1e3:.2f} ms"),
-            ("gradient bytes per step", f"{self.bytes_per_step:,.0f} in "
-                                        f"{self.buckets_per_step:g} bucket(s)"),
+            (
+                "gradient bytes per step",
+                f"{self.bytes_per_step:,.0f} in {self.buckets_per_step:g} bucket(s)",
+            ),
             ("bus bandwidth achieved", f"{self.busbw_gbps:.3f} GB/s"),
         ]
         if self.reference_busbw_gbps:
             ratio = self.busbw_gbps / self.reference_busbw_gbps
-            rows.append((
-                "bench-comm at the same bucket size",
-                f"{self.reference_busbw_gbps:.3f} GB/s (achieved/curve {ratio:.2f}; "
-                f"run {self.reference_run_id})",
-            ))
+            rows.append(
+                (
+                    "bench-comm at the same bucket size",
+                    f"{self.reference_busbw_gbps:.3f} GB/s (achieved/curve {ratio:.2f}; "
+                    f"run {self.reference_run_id})",
+                )
+            )
         else:
-            rows.append(("bench-comm reference", "none yet: run `dist-trainer bench-comm` "
-                                                 "with the same scaling"))
+            rows.append(
+                (
+                    "bench-comm reference",
+                    "none yet: run `dist-trainer bench-comm` with the same scaling",
+                )
+            )
         lines = ["| communication | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in rows]
         return "\n".join(lines) + "\n"
@@ -108,7 +116,9 @@ def reference_busbw(
     if not runs or not bucket_bytes > 0:
         return None
     run_id = runs[0].info.run_id
-    curve = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "bench_comm/time_s"))
+    curve = sorted(
+        (m.step, m.value) for m in client.get_metric_history(run_id, "bench_comm/time_s")
+    )
     if not curve:
         return None
     sizes = [s for s, _ in curve]

@@ -27,6 +27,7 @@ from dist_trainer.loop import LocalCheckpointSink, WorkerInfo, run_training
 
 __all__ = ["main"]
 
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     overrides = list(sys.argv[1:] if argv is None else argv)
     cfg = load_config(overrides)
@@ -42,8 +43,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     try:
         info = WorkerInfo.from_process_group()
         if not use_gpu:
-            info = WorkerInfo(info.rank, info.world_size, info.local_rank, info.node_rank,
-                              torch.device("cpu"))
+            info = WorkerInfo(
+                info.rank, info.world_size, info.local_rank, info.node_rank, torch.device("cpu")
+            )
         plan = plan_batches(
             job.trainer.global_batch_size, info.world_size, job.trainer.micro_batch_cap
         )
@@ -56,7 +58,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             params = {**flatten(OmegaConf.to_container(cfg, resolve=True)), **plan.as_params()}
             experiment_id = tracking.prepare_store(uri, job.tracking.experiment)
             run_id[0] = tracking.start_job_run(
-                uri, experiment_id, job.tracking.run_name or "torchrun", params,
+                uri,
+                experiment_id,
+                job.tracking.run_name or "torchrun",
+                params,
                 {"mlflow.source.name": "dist_trainer.torchrun"},
             )
         dist.broadcast_object_list(run_id, src=0)

@@ -189,7 +189,10 @@ class SystemMetrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             monitor = SystemMetricsMonitor(
-                run_id, sampling_interval=interval_s, node_id=node_id, tracking_uri=uri,
+                run_id,
+                sampling_interval=interval_s,
+                node_id=node_id,
+                tracking_uri=uri,
                 resume_logging=True,
             )
             with self._lock:

@@ -43,7 +43,8 @@ class RayCheckpointSink:
             # A barrier over all workers: every rank reports the same number of times.
             ray.train.report(
                 {k: v for k, v in metrics.items() if k in _REPORTED},
-                checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:08d}"
+                checkpoint=checkpoint,
+                checkpoint_dir_name=f"step_{step:08d}",
             )
 
 

@@ -85,11 +85,16 @@ def test_non_positive_sizes_name_the_key(global_batch, world, cap, key):
 
 
 def test_plan_rejects_an_inconsistent_triad():
-    with pytest.raises(BatchPlanError, match="100 != micro-batch 8 x accumulation 3 x world size 4"):
+    with pytest.raises(
+        BatchPlanError, match="100 != micro-batch 8 x accumulation 3 x world size 4"
+    ):
         BatchPlan(100, 4, 8, 3)
 
 
 def test_plan_params_and_description():
     plan = plan_batches(256, 2, 64)
     assert plan.as_params()["plan.accumulation_steps"] == 2
-    assert plan.describe() == "global batch 256 = micro-batch 64 x 2 accumulation step(s) x 2 worker(s)"
+    assert (
+        plan.describe()
+        == "global batch 256 = micro-batch 64 x 2 accumulation step(s) x 2 worker(s)"
+    )

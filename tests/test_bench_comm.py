@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -16,8 +17,9 @@ pytestmark = pytest.mark.ray
 
 
 def test_bench_comm_logs_curve_fit_and_plot_then_training_compares(ray_cluster, tmp_path):
-    overrides = job_overrides(tmp_path, "comm.sweep_max_bytes=65536", "comm.sweep_repeats=5",
-                              "comm.sweep_warmup=2")
+    overrides = job_overrides(
+        tmp_path, "comm.sweep_max_bytes=65536", "comm.sweep_repeats=5", "comm.sweep_warmup=2"
+    )
     bench_id = run_bench_comm(load_config(overrides))
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     bench = client.get_run(bench_id)
@@ -31,14 +33,16 @@ def test_bench_comm_logs_curve_fit_and_plot_then_training_compares(ray_cluster, 
         assert value == pytest.approx(size / times[size] / 1e9, rel=1e-6)
     assert bench.data.metrics["bench_comm/alpha_s"] > 0
     assert {"allreduce_sweep.csv", "allreduce_sweep.png"} <= {
-        a.path for a in client.list_artifacts(bench_id)}
+        a.path for a in client.list_artifacts(bench_id)
+    }
 
-    result = driver.train(load_config(job_overrides(tmp_path, "trainer.max_epochs=2")),
-                          show_progress=False)
+    result = driver.train(
+        load_config(job_overrides(tmp_path, "trainer.max_epochs=2")), show_progress=False
+    )
     summary = report.comm_summary(result.tracking_uri, result.run_id, 2, "gloo")
     assert summary is not None and summary.reference_run_id == bench_id
     assert summary.bytes_per_step == result.metrics["comm/bytes"]
     assert 0 <= summary.exposed_fraction <= 1 and not math.isnan(summary.exposed_s)
     assert summary.reference_busbw_gbps > 0
     text = client.download_artifacts(result.run_id, "comm_summary.md", str(tmp_path))
-    assert "bench-comm at the same bucket size" in open(text).read()
+    assert "bench-comm at the same bucket size" in Path(text).read_text()

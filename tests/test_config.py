@@ -16,8 +16,10 @@ from dist_trainer.config import (
     resolve_config,
 )
 
-GROUPS = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in
-          ("model", "data", "optim", "experiment")}
+GROUPS = {
+    g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml"))
+    for g in ("model", "data", "optim", "experiment")
+}
 
 
 def test_defaults_compose_to_the_contract_keys():
@@ -27,9 +29,18 @@ def test_defaults_compose_to_the_contract_keys():
     assert job.scaling.use_gpu == "auto" and job.trainer.max_micro_batch_size == "auto"
     assert job.tracking.uri == "sqlite:///mlflow.db"
     flat = flatten(OmegaConf.to_container(load_config(), resolve=True))
-    for key in ("trainer.global_batch_size", "trainer.max_epochs", "trainer.max_micro_batch_size",
-                "trainer.seed", "scaling.num_workers", "scaling.use_gpu", "tracking.uri",
-                "tracking.experiment", "model._target_", "data._target_"):
+    for key in (
+        "trainer.global_batch_size",
+        "trainer.max_epochs",
+        "trainer.max_micro_batch_size",
+        "trainer.seed",
+        "scaling.num_workers",
+        "scaling.use_gpu",
+        "tracking.uri",
+        "tracking.experiment",
+        "model._target_",
+        "data._target_",
+    ):
         assert key in flat
 
 
@@ -104,5 +115,7 @@ def test_every_config_field_is_documented():
 
 def test_flatten_uses_dotted_keys():
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": [{"e": 3}]}) == {
-        "a.b": 1, "a.c": [1, 2], "d.0.e": 3,
+        "a.b": 1,
+        "a.c": [1, 2],
+        "d.0.e": 3,
     }

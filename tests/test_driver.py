@@ -56,8 +56,9 @@ def test_bad_input_fails_before_any_worker_starts(ray_cluster, tmp_path, overrid
 
 
 def test_two_workers_one_run_with_params_metrics_artifacts(ray_cluster, tmp_path):
-    cfg = load_config(job_overrides(tmp_path, "trainer.max_epochs=2",
-                                    "trainer.max_micro_batch_size=16"))
+    cfg = load_config(
+        job_overrides(tmp_path, "trainer.max_epochs=2", "trainer.max_micro_batch_size=16")
+    )
     result = driver.train(cfg, show_progress=False)
     runs = _runs(tmp_path)
     assert len(runs) == 1 and runs[0].info.run_id == result.run_id
@@ -66,15 +67,25 @@ def test_two_workers_one_run_with_params_metrics_artifacts(ray_cluster, tmp_path
     params = run.data.params
     assert params["trainer.global_batch_size"] == "64"
     assert params["scaling.num_workers"] == "2"
-    assert (params["plan.world_size"], params["plan.micro_batch_size"],
-            params["plan.accumulation_steps"]) == ("2", "16", "2")
+    assert (
+        params["plan.world_size"],
+        params["plan.micro_batch_size"],
+        params["plan.accumulation_steps"],
+    ) == ("2", "16", "2")
     assert params["model._target_"] == "dist_trainer.models.MLP"
     client = MlflowClient(result.tracking_uri)
     loss = client.get_metric_history(result.run_id, "train/loss")
     steps = [m.step for m in loss]
     assert steps == sorted(steps) and steps[0] == 1 and steps[-1] == 16
-    for key in ("train/lr", "val/loss", "val/accuracy", "perf/samples_per_s",
-                "perf/step_time_s", "comm/allreduce_s", "comm/bytes"):
+    for key in (
+        "train/lr",
+        "val/loss",
+        "val/accuracy",
+        "perf/samples_per_s",
+        "perf/step_time_s",
+        "comm/allreduce_s",
+        "comm/bytes",
+    ):
         assert key in run.data.metrics, key
     # Better than always predicting the majority class of the validation split.
     from dist_trainer.data import breast_cancer
@@ -91,17 +102,24 @@ def test_two_workers_one_run_with_params_metrics_artifacts(ray_cluster, tmp_path
 
 def test_worker_failure_restarts_and_resumes_the_same_run(ray_cluster, tmp_path):
     marker = tmp_path / "crashed"
-    cfg = load_config(job_overrides(
-        tmp_path, "trainer.max_epochs=3", "scaling.max_failures=1",
-        "model._target_=tests.crashing.CrashOnceMLP", f"+model.marker={marker}",
-        "+model.crash_at_call=12",  # in epoch 2, after the epoch-1 checkpoint
-    ))
+    cfg = load_config(
+        job_overrides(
+            tmp_path,
+            "trainer.max_epochs=3",
+            "scaling.max_failures=1",
+            "model._target_=tests.crashing.CrashOnceMLP",
+            f"+model.marker={marker}",
+            "+model.crash_at_call=12",  # in epoch 2, after the epoch-1 checkpoint
+        )
+    )
     result = driver.train(cfg, show_progress=False)
     assert marker.exists(), "the injected failure never happened"
     runs = _runs(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps = [m.step for m in MlflowClient(result.tracking_uri).get_metric_history(
-        result.run_id, "val/loss")]
+    steps = [
+        m.step
+        for m in MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "val/loss")
+    ]
     assert steps[-1] == 24  # 3 epochs x 8 steps, finished after the restart
 
 
@@ -111,7 +129,11 @@ def test_cli_train_end_to_end(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [CLI, "train", *job_overrides(tmp_path, "trainer.max_epochs=2")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = _runs(tmp_path)
@@ -125,10 +147,20 @@ def test_cli_train_end_to_end(tmp_path):
 def test_cli_multirun_gives_one_run_per_job_in_one_experiment(ray_cluster, tmp_path):
     """A Hydra sweep over two global batch sizes, joining the running cluster by address."""
     proc = subprocess.run(
-        [CLI, "train", "-m", "trainer.global_batch_size=32,128", "trainer.max_epochs=1",
-         f"scaling.address={ray_cluster}", *job_overrides(tmp_path)],
-        cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True, text=True, timeout=400,
+        [
+            CLI,
+            "train",
+            "-m",
+            "trainer.global_batch_size=32,128",
+            "trainer.max_epochs=1",
+            f"scaling.address={ray_cluster}",
+            *job_overrides(tmp_path),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = _runs(tmp_path)
@@ -141,7 +173,10 @@ def test_cli_multirun_gives_one_run_per_job_in_one_experiment(ray_cluster, tmp_p
 def test_cli_reports_config_errors_in_one_line(tmp_path):
     proc = subprocess.run(
         [CLI, "train", "trainer.global_batch_size=255", *job_overrides(tmp_path)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "config error: trainer.global_batch_size=255 cannot be split" in proc.stderr

@@ -18,8 +18,13 @@ from tests.conftest import free_port, job_config
 # breast_cancer has 455 training samples: with global batch 64 the 8th step of each epoch has
 # only 7 samples, so 16 steps cover two short last batches (split 4/3 over ranks, 2/2 and 2/1
 # over micro-steps).
-EQUIV = ["trainer.dtype=float64", "trainer.global_batch_size=64", "trainer.max_epochs=2",
-         "model.hidden_sizes=[16]", "comm.enabled=true"]
+EQUIV = [
+    "trainer.dtype=float64",
+    "trainer.global_batch_size=64",
+    "trainer.max_epochs=2",
+    "model.hidden_sizes=[16]",
+    "comm.enabled=true",
+]
 OPTIMIZERS = {
     "sgd": ["optim=sgd", "optim.lr_scaling=none", "optim.warmup_steps=3"],
     "adam": ["optim=adam"],
@@ -49,8 +54,7 @@ def _ddp_worker(rank: int, world: int, port: int, runs: dict, out: str) -> None:
             plan = plan_batches(job.trainer.global_batch_size, world, job.trainer.micro_batch_cap)
             trainer = Trainer(job, plan, WorkerInfo(rank, world, rank, 0, torch.device("cpu")))
             trainer.fit()
-            results[name] = {"params": _params(trainer), "plan": plan,
-                             "steps": trainer.step}
+            results[name] = {"params": _params(trainer), "plan": plan, "steps": trainer.step}
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -61,8 +65,10 @@ def _ddp_worker(rank: int, world: int, port: int, runs: dict, out: str) -> None:
 def ddp_results(tmp_path_factory):
     """2 DDP workers (torch.multiprocessing + gloo, no Ray), accumulation 2, both optimizers."""
     out = str(tmp_path_factory.mktemp("ddp") / "results.pt")
-    runs = {name: [*EQUIV, *extra, "trainer.max_micro_batch_size=16"]
-            for name, extra in OPTIMIZERS.items()}
+    runs = {
+        name: [*EQUIV, *extra, "trainer.max_micro_batch_size=16"]
+        for name, extra in OPTIMIZERS.items()
+    }
     mp.spawn(_ddp_worker, args=(2, free_port(), runs, out), nprocs=2, join=True)
     return torch.load(out, weights_only=False)
 
@@ -127,9 +133,7 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     assert torch.allclose(_params(second), _params(straight), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    "preset", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-)
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
 def test_every_experiment_preset_runs_one_step(preset):
     job = job_config(f"experiment={preset}", "trainer.max_steps=1")
     plan = plan_batches(job.trainer.global_batch_size, 1, job.trainer.micro_batch_cap)
@@ -166,16 +170,21 @@ def _exposed_worker(rank: int, world: int, port: int, caps: list[float], out: st
         exposed = {}
         for cap in caps:
             job = job_config(
-                "experiment=bench_mlp", "data.num_samples=2048", "trainer.global_batch_size=64",
-                "trainer.max_micro_batch_size=16", "trainer.max_steps=24",
-                "trainer.log_every_n_steps=4", f"scaling.bucket_cap_mb={cap}",
+                "experiment=bench_mlp",
+                "data.num_samples=2048",
+                "trainer.global_batch_size=64",
+                "trainer.max_micro_batch_size=16",
+                "trainer.max_steps=24",
+                "trainer.log_every_n_steps=4",
+                f"scaling.bucket_cap_mb={cap}",
                 # Many small layers: DDP never splits a parameter, so small buckets need them.
                 "model.hidden_sizes=[64,64,64,64,64,64,64,64,64,64,64,64,64,64,64,64,64,64,64,64]",
             )
             plan = plan_batches(64, world, 16)
             recorder = _Recorder()
-            trainer = Trainer(job, plan, WorkerInfo(rank, world, rank, 0, torch.device("cpu")),
-                              logger=recorder)
+            trainer = Trainer(
+                job, plan, WorkerInfo(rank, world, rank, 0, torch.device("cpu")), logger=recorder
+            )
             trainer.fit()
             rows = [r for r in recorder.rows if "comm/exposed_s" in r][1:]  # skip warm-up
             exposed[cap] = {

@@ -34,13 +34,15 @@ def test_relative_sqlite_uri_becomes_absolute(tmp_path, monkeypatch):
 
 
 def test_secrets_never_reach_params():
-    safe = redact_params({
-        "tracking.uri": "http://alice:s3cret@mlflow.internal:5000",
-        "tracking.tags.api_key": "abc123",
-        "data.password": "hunter2",
-        "scaling.address": "ray://head:10001",
-        "optimizer.lr": 0.1,
-    })
+    safe = redact_params(
+        {
+            "tracking.uri": "http://alice:s3cret@mlflow.internal:5000",
+            "tracking.tags.api_key": "abc123",
+            "data.password": "hunter2",
+            "scaling.address": "ray://head:10001",
+            "optimizer.lr": 0.1,
+        }
+    )
     assert "s3cret" not in safe["tracking.uri"] and "mlflow.internal" in safe["tracking.uri"]
     assert safe["tracking.tags.api_key"] == "***" and safe["data.password"] == "***"
     assert safe["scaling.address"] == "ray://head:10001" and safe["optimizer.lr"] == "0.1"
@@ -48,8 +50,9 @@ def test_secrets_never_reach_params():
 
 def test_one_run_with_params_and_batched_metrics(store):
     uri, experiment_id = store
-    run_id = start_job_run(uri, experiment_id, "r", {"a.b": 1, "token": "x"}, {"t": "v"},
-                           {"config.yaml": "a: 1\n"})
+    run_id = start_job_run(
+        uri, experiment_id, "r", {"a.b": 1, "token": "x"}, {"t": "v"}, {"config.yaml": "a: 1\n"}
+    )
     logger = RunLogger(uri, run_id, flush_interval_s=0.05)
     t0 = time.time()
     for step in range(1, 251):
