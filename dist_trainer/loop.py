@@ -18,6 +18,7 @@ every `trainer.log_every_n_steps` steps (one small collective); nothing syncs pe
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -325,7 +326,7 @@ class Trainer:
             "perf/samples_per_s": self._samples / max(1e-12, step_s * self._steps),
             "mem/peak_rss_bytes_max": float(cols["peak_rss"].max()),
         }
-        if steps_comm or self.meter.enabled:
+        if self.meter.enabled:
             metrics.update(_comm_metrics(cols, step_s, self.info.world_size))
         for key in ("peak_allocated_bytes", "peak_reserved_bytes"):
             if key in cols:
@@ -474,21 +475,33 @@ def _mean(values: list[float]) -> float:
 
 
 def _comm_metrics(cols: dict[str, torch.Tensor], step_s: float, world: int) -> dict[str, float]:
-    """comm/* from the per-rank columns: mean over ranks, and the max where a rank can lag."""
+    """comm/* from the per-rank columns: mean over ranks, and the max where a rank can lag.
+
+    A rank's all-reduce time includes waiting for peers that reach the collective later; the
+    rank that arrives last waits least, so the minimum over ranks is the transfer itself and is
+    what the bandwidths are computed from (comparable with bench-comm, which starts ranks
+    together).
+    """
     comm_s, exposed = cols["comm_s"], cols["exposed_s"]
+    if comm_s.isnan().all():
+        return {}
     nbytes = float(cols["comm_bytes"].nanmean())
-    mean_s = float(comm_s.nanmean())
+    transfer_s = float(comm_s[~comm_s.isnan()].min())
     out = {
-        "comm/allreduce_s": mean_s,
-        "comm/allreduce_s_max": float(comm_s.max()) if not comm_s.isnan().all() else math.nan,
+        "comm/allreduce_s": float(comm_s.nanmean()),
+        "comm/allreduce_s_max": float(comm_s[~comm_s.isnan()].max()),
+        "comm/allreduce_s_min": transfer_s,
         "comm/bytes": nbytes,
         "comm/buckets": float(cols["buckets"].nanmean()),
-        "comm/algbw_gbps": comm.algbw_gbps(nbytes, mean_s) if mean_s > 0 else math.nan,
-        "comm/busbw_gbps": comm.busbw_gbps(nbytes, mean_s, world) if mean_s > 0 else math.nan,
-        "comm/exposed_s": float(exposed.nanmean()),
-        "comm/exposed_s_max": float(exposed.max()) if not exposed.isnan().all() else math.nan,
+        "comm/algbw_gbps": comm.algbw_gbps(nbytes, transfer_s) if transfer_s > 0 else math.nan,
+        "comm/busbw_gbps": (
+            comm.busbw_gbps(nbytes, transfer_s, world) if transfer_s > 0 else math.nan
+        ),
     }
-    out["comm/fraction"] = out["comm/exposed_s"] / step_s if step_s > 0 else math.nan
+    if not exposed.isnan().all():
+        out["comm/exposed_s"] = float(exposed.nanmean())
+        out["comm/exposed_s_max"] = float(exposed[~exposed.isnan()].max())
+        out["comm/fraction"] = out["comm/exposed_s"] / step_s if step_s > 0 else math.nan
     return out
 
 
@@ -516,6 +529,9 @@ def run_training(
             log.info("%s; %d steps", plan.describe(), trainer.total_steps)
         metrics = trainer.fit()
         trainer.log_final_weights()
+        # A DDP model still alive at interpreter exit can make gloo abort (pytorch#179291).
+        del trainer
+        gc.collect()
     finally:
         if host is not None:
             host.stop()

@@ -3,6 +3,7 @@ with gloo, resume from a checkpoint, and one step of every experiment preset."""
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -47,6 +48,7 @@ def _single_process(overrides: list[str]) -> torch.Tensor:
 def _ddp_worker(rank: int, world: int, port: int, runs: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    trainer = None
     try:
         results = {}
         for name, overrides in runs.items():
@@ -58,6 +60,8 @@ def _ddp_worker(rank: int, world: int, port: int, runs: dict, out: str) -> None:
         if rank == 0:
             torch.save(results, out)
     finally:
+        del trainer
+        gc.collect()  # DDP models alive at exit can make gloo abort (pytorch#179291)
         dist.destroy_process_group()
 
 
@@ -165,7 +169,9 @@ class _Recorder:
 
 def _exposed_worker(rank: int, world: int, port: int, caps: list[float], out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # one core per rank, as Ray gives a 1-CPU worker
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    trainer = None
     try:
         exposed = {}
         for cap in caps:
@@ -195,6 +201,8 @@ def _exposed_worker(rank: int, world: int, port: int, caps: list[float], out: st
         if rank == 0:
             torch.save(exposed, out)
     finally:
+        del trainer
+        gc.collect()  # DDP models alive at exit can make gloo abort (pytorch#179291)
         dist.destroy_process_group()
 
 
