@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from dist_trainer import comm
+from dist_trainer import sweep as comm_sweep
 from dist_trainer.tracking import RunLogger
 
 __all__ = ["BENCH_TAG", "run_bench_comm", "sweep_and_log"]
@@ -34,15 +34,15 @@ def sweep_and_log(
     sweep: dict[str, int],
     tracking_uri: str | None,
     run_id: str | None,
-) -> list[comm.SweepPoint]:
+) -> list[comm_sweep.SweepPoint]:
     """Every rank sweeps; rank 0 fits, plots and logs. Needs an initialized process group."""
-    sizes = comm.default_sweep_sizes(sweep["min_bytes"], sweep["max_bytes"])
-    points = comm.allreduce_sweep(
+    sizes = comm_sweep.default_sweep_sizes(sweep["min_bytes"], sweep["max_bytes"])
+    points = comm_sweep.allreduce_sweep(
         sizes, warmup=sweep["warmup"], repeats=sweep["repeats"], device=device
     )
     if rank != 0:
         return points
-    fit = comm.fit_alpha_beta(
+    fit = comm_sweep.fit_alpha_beta(
         [p.size_bytes for p in points], [p.time_s for p in points], world_size
     )
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -86,7 +86,7 @@ def sweep_and_log(
             writer.writerow(["size_bytes", "time_s", "algbw_gbps", "busbw_gbps"])
             writer.writerows([p.size_bytes, p.time_s, p.algbw_gbps, p.busbw_gbps] for p in points)
         plot = os.path.join(folder, "allreduce_sweep.png")
-        comm.plot_sweep(points, fit, plot, f"all-reduce, {backend}, {world_size} workers")
+        comm_sweep.plot_sweep(points, fit, plot, f"all-reduce, {backend}, {world_size} workers")
         logger.log_artifact(table)
         logger.log_artifact(plot)
     finally:

@@ -26,8 +26,7 @@ import resource
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,24 +35,16 @@ from torch.nn.parallel import DistributedDataParallel
 from dist_trainer import comm, telemetry
 from dist_trainer.batching import BatchPlan
 from dist_trainer.build import build_data, build_model, build_optimizer, build_scheduler
+from dist_trainer.checkpoint import CheckpointSink, LocalCheckpointSink
 from dist_trainer.config import JobConfig
+from dist_trainer.metrics import GPU_KEYS, StepClock, comm_metrics, mean
 from dist_trainer.sampling import GlobalBatchSampler, StepBatch, shard_for_rank
 from dist_trainer.tasks import loss_sums
 from dist_trainer.tracking import NullLogger, RunLogger, SystemMetrics
 
-__all__ = ["CheckpointSink", "LocalCheckpointSink", "Trainer", "WorkerInfo", "run_training"]
+__all__ = ["Trainer", "WorkerInfo", "run_training"]
 
 log = logging.getLogger(__name__)
-
-# The NVML figures each worker reports per log interval (a subset of GpuSampler.snapshot()).
-_GPU_KEYS = (
-    "gpu_util_mean",
-    "gpu_util_max",
-    "gpu_mem_used_bytes_max",
-    "power_w_mean",
-    "temp_c_max",
-    "sm_clock_mhz_mean",
-)
 
 
 @dataclass(frozen=True)
@@ -83,57 +74,6 @@ class WorkerInfo:
         node_rank = int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", 0)))
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         return cls(rank, world, local_rank, node_rank, device)
-
-
-class CheckpointSink(Protocol):
-    """Where checkpoints go. Every rank calls `save` (it may be a barrier); rank 0 gives state."""
-
-    def latest(self) -> dict[str, Any] | None: ...
-
-    def save(self, state: dict[str, Any] | None, metrics: dict[str, float], step: int) -> None: ...
-
-
-class LocalCheckpointSink:
-    """Checkpoints in a local folder (torchrun / one process); keeps the latest only."""
-
-    def __init__(self, folder: str | os.PathLike | None) -> None:
-        self.folder = Path(folder) if folder else None
-
-    def latest(self) -> dict[str, Any] | None:
-        path = self.folder / "latest.pt" if self.folder else None
-        return (
-            torch.load(path, map_location="cpu", weights_only=False)
-            if path and path.exists()
-            else None
-        )
-
-    def save(self, state: dict[str, Any] | None, metrics: dict[str, float], step: int) -> None:
-        if state is None or self.folder is None:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / "latest.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.folder / "latest.pt")  # atomic: a crash never leaves half a checkpoint
-
-
-class _Clock:
-    """Stamps on the host (CPU) or as CUDA events (GPU), resolved only when metrics are logged."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def stamp(self) -> Any:
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def seconds(self, start: Any, end: Any) -> float:
-        if not self.cuda:
-            return end - start
-        end.synchronize()  # only at log time: the events are long done by then
-        return start.elapsed_time(end) / 1000.0
 
 
 class Trainer:
@@ -182,7 +122,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.epoch = 0
         self.step_in_epoch = 0
-        self.clock = _Clock(self.device)
+        self.clock = StepClock(self.device)
         self.sampler_gpu = (
             telemetry.GpuSampler.for_device(self.device, job.telemetry.interval_s)
             if job.telemetry.enabled and self.device.type == "cuda"
@@ -302,17 +242,17 @@ class Trainer:
         steps_comm = self.meter.collect()
         nan = float("nan")
         per_rank = {
-            "comm_s": _mean([s.allreduce_s for s in steps_comm]),
-            "comm_bytes": _mean([s.bytes for s in steps_comm]),
-            "buckets": _mean([s.buckets for s in steps_comm]),
-            "exposed_s": _mean(exposed),
+            "comm_s": mean([s.allreduce_s for s in steps_comm]),
+            "comm_bytes": mean([s.bytes for s in steps_comm]),
+            "buckets": mean([s.buckets for s in steps_comm]),
+            "exposed_s": mean(exposed),
             "step_s": (wall - probe_s) / max(1, self._steps),
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
             **telemetry.peak_device_memory(self.device),
         }
         gpu = self.sampler_gpu.snapshot() if self.sampler_gpu else {}
-        keys = sorted(per_rank) + [f"gpu.{k}" for k in _GPU_KEYS]
-        values = [per_rank[k] for k in sorted(per_rank)] + [gpu.get(k, nan) for k in _GPU_KEYS]
+        keys = sorted(per_rank) + [f"gpu.{k}" for k in GPU_KEYS]
+        values = [per_rank[k] for k in sorted(per_rank)] + [gpu.get(k, nan) for k in GPU_KEYS]
         table = self._gather(values, [self._loss_sum, self._correct, self._count])
         loss_sum, correct, count = table[:, 0].sum(), table[:, 1].sum(), table[:, 2].sum()
         cols = {k: table[:, 3 + i] for i, k in enumerate(keys)}
@@ -327,7 +267,7 @@ class Trainer:
             "mem/peak_rss_bytes_max": float(cols["peak_rss"].max()),
         }
         if self.meter.enabled:
-            metrics.update(_comm_metrics(cols, step_s, self.info.world_size))
+            metrics.update(comm_metrics(cols, step_s, self.info.world_size))
         for key in ("peak_allocated_bytes", "peak_reserved_bytes"):
             if key in cols:
                 metrics[f"mem/{key}_max"] = float(cols[key].max())
@@ -346,7 +286,7 @@ class Trainer:
             out[f"mem/{where}/peak_rss_bytes"] = float(cols["peak_rss"][rank])
             if "peak_allocated_bytes" in cols:
                 out[f"mem/{where}/peak_allocated_bytes"] = float(cols["peak_allocated_bytes"][rank])
-            for key in _GPU_KEYS:
+            for key in GPU_KEYS:
                 out[f"system/{where}/{key}"] = float(cols[f"gpu.{key}"][rank])
         return out
 
@@ -468,41 +408,6 @@ class Trainer:
         path = os.path.join(folder, "state_dict.pt")
         torch.save(self.model.state_dict(), path)
         self.logger.log_artifact(path, "model")  # the logger thread reads it before close()
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-def _comm_metrics(cols: dict[str, torch.Tensor], step_s: float, world: int) -> dict[str, float]:
-    """comm/* from the per-rank columns: mean over ranks, and the max where a rank can lag.
-
-    A rank's all-reduce time includes waiting for peers that reach the collective later; the
-    rank that arrives last waits least, so the minimum over ranks is the transfer itself and is
-    what the bandwidths are computed from (comparable with bench-comm, which starts ranks
-    together).
-    """
-    comm_s, exposed = cols["comm_s"], cols["exposed_s"]
-    if comm_s.isnan().all():
-        return {}
-    nbytes = float(cols["comm_bytes"].nanmean())
-    transfer_s = float(comm_s[~comm_s.isnan()].min())
-    out = {
-        "comm/allreduce_s": float(comm_s.nanmean()),
-        "comm/allreduce_s_max": float(comm_s[~comm_s.isnan()].max()),
-        "comm/allreduce_s_min": transfer_s,
-        "comm/bytes": nbytes,
-        "comm/buckets": float(cols["buckets"].nanmean()),
-        "comm/algbw_gbps": comm.algbw_gbps(nbytes, transfer_s) if transfer_s > 0 else math.nan,
-        "comm/busbw_gbps": (
-            comm.busbw_gbps(nbytes, transfer_s, world) if transfer_s > 0 else math.nan
-        ),
-    }
-    if not exposed.isnan().all():
-        out["comm/exposed_s"] = float(exposed.nanmean())
-        out["comm/exposed_s_max"] = float(exposed[~exposed.isnan()].max())
-        out["comm/fraction"] = out["comm/exposed_s"] / step_s if step_s > 0 else math.nan
-    return out
 
 
 def run_training(

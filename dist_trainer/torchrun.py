@@ -22,8 +22,9 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from dist_trainer.batching import plan_batches
+from dist_trainer.checkpoint import LocalCheckpointSink
 from dist_trainer.config import flatten, load_config, resolve_config
-from dist_trainer.loop import LocalCheckpointSink, WorkerInfo, run_training
+from dist_trainer.loop import WorkerInfo, run_training
 
 __all__ = ["main"]
 

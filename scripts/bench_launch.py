@@ -58,13 +58,20 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 GLOBAL_BATCH = 256
 WORLD = 2
-VARIANTS = ("plain", "dt", "dt_log1", "dt_off")
-DESCRIPTIONS = {
-    "plain": "plain PyTorch DDP (mp.spawn)",
-    "dt": "dist-trainer (log every 10)",
-    "dt_log1": "dist-trainer (log every 1)",
-    "dt_off": "dist-trainer, comm+telemetry off",
+_OFF = ["comm.enabled=false", "telemetry.enabled=false"]
+_HC2 = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}  # Ray's default (dist_trainer sets 0.2)
+# name: (description, extra Hydra overrides, extra environment) for the dist-trainer variants.
+DT_VARIANTS: dict[str, tuple[str, list[str], dict[str, str]]] = {
+    "dt": ("dist-trainer (log every 10)", [], {}),
+    "dt_log1": ("dist-trainer (log every 1)", ["trainer.log_every_n_steps=1"], {}),
+    "dt_off": ("dist-trainer, comm+telemetry off", _OFF, {}),
+    # Not run by default: for checking a change in the Ray environment.
+    "dt_hc2": ("dist-trainer, health check 2 s", [], _HC2),
+    "dt_off_hc2": ("dist-trainer, off, health check 2 s", _OFF, _HC2),
 }
+QUIET_CORES = 0.15  # a run is "quiet" when other processes used at most this in its window
+DEFAULT_VARIANTS = ("plain", "dt", "dt_log1", "dt_off")
+DESCRIPTIONS = {"plain": "plain PyTorch DDP (mp.spawn)"} | {k: v[0] for k, v in DT_VARIANTS.items()}
 
 
 def ray_worker_threads(cpus_per_worker: float = 1.0) -> int:
@@ -305,16 +312,13 @@ def dt_overrides(cfg: argparse.Namespace, work: Path, variant: str) -> list[str]
             f"trainer.val_every_n_epochs={cfg.epochs + 1}",
             f"trainer.checkpoint_every_n_steps={cfg.steps + 1}",
         ]
-    if variant == "dt_log1":
-        over.append("trainer.log_every_n_steps=1")
-    if variant == "dt_off":
-        over += ["comm.enabled=false", "telemetry.enabled=false"]
-    return over + list(cfg.extra)
+    return over + DT_VARIANTS[variant][1] + list(cfg.extra)
 
 
 def run_dt(cfg: argparse.Namespace, work: Path, log: Path, variant: str) -> dict:
     cmd = [str(VENV_BIN / "dist-trainer"), "train", *dt_overrides(cfg, work, variant)]
-    launch, exited, cpu = _run(cmd, work, dict(os.environ), log, cfg.timeout)
+    env = {**os.environ, **DT_VARIANTS[variant][2]}
+    launch, exited, cpu = _run(cmd, work, env, log, cfg.timeout)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
@@ -344,6 +348,17 @@ def run_dt(cfg: argparse.Namespace, work: Path, log: Path, variant: str) -> dict
     }
 
 
+def _plain_json(value):
+    """NaN -> None, so the output is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _plain_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_json(v) for v in value]
+    return value
+
+
 def _median(values: list[float]) -> float:
     values = [v for v in values if not math.isnan(v)]
     return statistics.median(values) if values else math.nan
@@ -363,12 +378,19 @@ def summarize(runs: list[dict], variants: list[str]) -> tuple[dict, dict]:
             )
         }  # fmt: skip
         medians[v]["repeats"] = len(mine)
+        quiet = [r["steady_samples_per_s"] for r in mine if r["other_cores_steady"] <= QUIET_CORES]
+        medians[v]["steady_quiet"] = _median(quiet)
+        medians[v]["quiet_repeats"] = len(quiet)
     ratios: dict[str, float] = {}
 
     def steady(a: str, b: str) -> None:
         if a not in medians or b not in medians:
             return
-        for key, label in (("steady_samples_per_s", ""), ("steady_interval_median", " [10-step]")):
+        for key, label in (
+            ("steady_samples_per_s", ""),
+            ("steady_interval_median", " [10-step]"),
+            ("steady_quiet", " [quiet runs]"),
+        ):
             ratios[f"steady {a}/{b}{label}"] = medians[a][key] / medians[b][key]
         # Paired per repeat (neighbours in time), then the median of those ratios.
         pairs = []
@@ -381,8 +403,12 @@ def summarize(runs: list[dict], variants: list[str]) -> tuple[dict, dict]:
 
     steady("dt", "plain")
     steady("dt_log1", "plain")
+    steady("dt_off", "plain")
     steady("dt", "dt_off")
     steady("dt_log1", "dt")
+    steady("dt_hc2", "dt")
+    steady("dt_off_hc2", "dt_off")
+    steady("dt_off_hc2", "plain")
     for cand in ("dt", "dt_off"):
         if cand in medians and "plain" in medians:
             a, b = medians[cand]["first_step_s"], medians["plain"]["first_step_s"]
@@ -401,7 +427,9 @@ def main() -> int:
     parser.add_argument("--num-samples", type=int, default=8192, help="data.num_samples")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 epochs, 1 repeat")
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help=f"comma list out of {','.join(VARIANTS)}"
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma list out of {','.join(DESCRIPTIONS)} (default: %(default)s)",
     )
     parser.add_argument(
         "--threads", type=int, default=ray_worker_threads(),
@@ -418,9 +446,9 @@ def main() -> int:
     cfg.repeats = cfg.repeats or (1 if cfg.quick else 2)
     cfg.epochs = cfg.epochs or (3 if cfg.quick else 11)
     variants = [v.strip() for v in cfg.variants.split(",") if v.strip()]
-    unknown = set(variants) - set(VARIANTS)
+    unknown = set(variants) - set(DESCRIPTIONS)
     if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {list(DESCRIPTIONS)}")
     cfg.num_train, cfg.num_val = split_sizes(cfg.num_samples)
     steps_per_epoch = cfg.num_train // GLOBAL_BATCH
     if steps_per_epoch < 1:
@@ -461,20 +489,22 @@ def main() -> int:
     print(f"\nmedians over {cfg.repeats} repeat(s), {cfg.steps} steps each:")
     header = (
         f"{'variant':34s} {'first step s':>12s} {'steady /s':>10s} {'10-step /s':>10s} "
-        f"{'exit s':>7s}"
+        f"{'quiet /s':>12s} {'exit s':>7s}"
     )
     print(header + f" {'last step->exit s':>17s} {'other load':>11s} {'run rest':>8s}")
     for v in variants:
         m = medians[v]
         print(
             f"{DESCRIPTIONS[v]:34s} {m['first_step_s']:12.2f} {m['steady_samples_per_s']:10.0f} "
-            f"{m['steady_interval_median']:10.0f} {m['total_s']:7.1f} "
+            f"{m['steady_interval_median']:10.0f} "
+            f"{m['steady_quiet']:7.0f} ({m['quiet_repeats']}) {m['total_s']:7.1f} "
             f"{m['last_step_to_exit_s']:17.2f} "
             f"{m['other_cores_launch']:5.2f}/{m['other_cores_steady']:4.2f} "
             f"{m['run_cores_rest_steady']:8.2f}"
         )
     print(
-        "steady /s: mean rate over the window; 10-step /s: median of its 10-step intervals.\n"
+        "steady /s: mean rate over the window; 10-step /s: median of its 10-step intervals; "
+        f"quiet /s: median over the (n) runs with other load <= {QUIET_CORES} cores.\n"
         "other load: cores busy outside the run (other processes on the machine) during "
         "launch/steady window; with 2 cores anything above ~0.1 disturbs the figures.\n"
         "run rest: cores the run's own processes other than its 2 busiest (the ranks) used in "
@@ -488,15 +518,16 @@ def main() -> int:
     targets = {
         f"steady {a}/{b}{x}": 0.98
         for a, b in (("dt", "plain"), ("dt", "dt_off"))
-        for x in ("", " [10-step]", " [paired repeats]")
+        for x in ("", " [10-step]", " [paired repeats]", " [quiet runs]")
     }
     for key, value in ratios.items():
         target = f"   (target >= {targets[key]})" if key in targets else ""
-        print(f"  {key:40s} {value:8.3f}{target}")
+        if not math.isnan(value):
+            print(f"  {key:40s} {value:8.3f}{target}")
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     cfg.out.write_text(
         json.dumps(
-            {
+            _plain_json({
                 "config": {
                     "steps": cfg.steps, "epochs": cfg.epochs, "num_samples": cfg.num_samples,
                     "num_train": cfg.num_train, "global_batch_size": GLOBAL_BATCH,
@@ -507,7 +538,7 @@ def main() -> int:
                 "runs": runs,
                 "medians": medians,
                 "ratios": ratios,
-            },
+            }),
             indent=2,
         )
         + "\n"

@@ -22,16 +22,18 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_trainer.comm import (
-    AlphaBetaFit,
     CommMeter,
     StepComm,
-    SweepPoint,
     _union_length,
     algbw_gbps,
-    allreduce_sweep,
     busbw_gbps,
-    default_sweep_sizes,
     exposed_comm_s,
+)
+from dist_trainer.sweep import (
+    AlphaBetaFit,
+    SweepPoint,
+    allreduce_sweep,
+    default_sweep_sizes,
     fit_alpha_beta,
     plot_sweep,
     predict_time,

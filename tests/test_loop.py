@@ -12,8 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_trainer.batching import plan_batches
+from dist_trainer.checkpoint import LocalCheckpointSink
 from dist_trainer.config import CONF_DIR
-from dist_trainer.loop import LocalCheckpointSink, Trainer, WorkerInfo
+from dist_trainer.loop import Trainer, WorkerInfo
 from tests.conftest import free_port, job_config
 
 # breast_cancer has 455 training samples: with global batch 64 the 8th step of each epoch has
