@@ -225,8 +225,9 @@ class CommConfig:
 
     enabled: bool = True
     """Time every gradient all-reduce via a DDP communication hook (no extra synchronization)."""
-    probe_every_n_steps: int = 50
-    """Without accumulation, time one compute-only micro-step every N steps for comm/exposed_s."""
+    probe_every_n_steps: int = 100
+    """Without accumulation, time one extra compute-only micro-step at step 1 and every N steps
+    for comm/exposed_s (costs ~1/N of compute; with accumulation the reference is free)."""
     sweep_min_bytes: int = 1024
     """bench-comm: smallest all-reduce message (bytes); sizes double up to sweep_max_bytes."""
     sweep_max_bytes: int = 256 * 2**20

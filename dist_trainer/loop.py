@@ -175,7 +175,11 @@ class Trainer:
         probe = (
             self.meter.enabled
             and len(micro) == 1
-            and self.step % self.job.comm.probe_every_n_steps == 0
+            # Step 1 (not 0: DDP's first iteration builds its buckets), then every N steps.
+            and (
+                self.step == 1
+                or (self.step > 0 and self.step % self.job.comm.probe_every_n_steps == 0)
+            )
         )
         if probe:  # compute-only reference for comm/exposed_s; its gradients are thrown away
             t0 = self.clock.stamp()
@@ -213,6 +217,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._interval_start = time.perf_counter()
+        self._paused_s = 0.0  # validation and checkpoints inside the interval: not step time
 
     # ---------------------------------------------------------------- metrics
     def _gather(self, values: list[float], on_device: list[torch.Tensor]) -> torch.Tensor:
@@ -246,7 +251,7 @@ class Trainer:
             "comm_bytes": mean([s.bytes for s in steps_comm]),
             "buckets": mean([s.buckets for s in steps_comm]),
             "exposed_s": mean(exposed),
-            "step_s": (wall - probe_s) / max(1, self._steps),
+            "step_s": (wall - probe_s - self._paused_s) / max(1, self._steps),
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
             **telemetry.peak_device_memory(self.device),
         }
@@ -340,9 +345,11 @@ class Trainer:
         self.step_in_epoch = state["step_in_epoch"]
 
     def checkpoint(self, metrics: dict[str, float]) -> None:
+        started = time.perf_counter()
         state = self.state() if self.info.rank == 0 else None
         self.sink.save(state, {"step": self.step, **metrics}, self.step)
         self._last_checkpoint = self.step
+        self._paused_s += time.perf_counter() - started
 
     # ---------------------------------------------------------------- run
     def fit(self) -> dict[str, float]:
@@ -386,7 +393,9 @@ class Trainer:
             if self._steps:
                 last.update(self.log_interval())
             if finished or (epoch_done and (self.epoch + 1) % trainer.val_every_n_epochs == 0):
+                started = time.perf_counter()
                 val = self.evaluate()
+                self._paused_s += time.perf_counter() - started
                 self.logger.log_metrics(val, step=self.step)
                 last.update(val)
             if epoch_done:
