@@ -57,11 +57,14 @@ def _start_ray_in_background(scaling: Any) -> Future:
     return future
 
 
-# Ray Train V2 levers measured on small machines (REFERENCE.md): a short health-check interval
-# makes each report and the teardown fast; the preemption watcher competes with DDP's first
-# torch._dynamo import. Users can still override them in their environment.
+# Ray Train V2 levers measured on small machines (REFERENCE.md). The health-check interval sets
+# what each checkpoint report and the teardown cost (about one interval each), but every poll
+# interrupts every worker: 0.2 s cost 3-5% of steady throughput on 2 cores
+# (scripts/bench_launch.py --variants dt,dt_hc2), Ray's default 2 s makes reports slow; 1 s is
+# the middle. The preemption watcher competes with DDP's first torch._dynamo import. Users can
+# still override any of these in their environment.
 RAY_ENV_DEFAULTS = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_DEDUP_LOGS": "0",
     # Train V2 re-routes worker print() through its logger, which shows each line twice here.

@@ -9,10 +9,12 @@ runs under torchrun or as one process (dist_trainer.torchrun):
 
 Per optimizer step each rank runs `plan.accumulation_steps` micro-steps, all but the last under
 `no_sync()` so gradients are all-reduced once. Each micro-step's loss is the *sum* of per-sample
-losses times world_size / global_count: DDP averages over ranks, so the applied gradient is the
-mean over the step's whole global batch, exactly what one process would compute on it (also for
-a short last batch, where global_count is smaller). Logged numbers are all-gathered over ranks
-every `trainer.log_every_n_steps` steps (one small collective); nothing syncs per step.
+losses divided by global_count, the samples of the step's whole global batch over all ranks; the
+all-reduce sums over ranks, so the applied gradient is the mean over the global batch, exactly
+what one process would compute on it (also for a short last batch, where global_count is
+smaller). With DDP's built-in hook, which averages over ranks, the scale is world/global_count.
+Logged numbers are all-gathered over ranks every `trainer.log_every_n_steps` steps (one small
+collective); nothing syncs per step.
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ class Trainer:
         self.model = build_model(job, self.data).to(device=self.device, dtype=self.dtype)
         self.distributed = dist.is_available() and dist.is_initialized()
         self.ddp: torch.nn.Module = self.model
-        self.meter = comm.CommMeter(enabled=job.comm.enabled and self.distributed)
+        # divide=False: the hook sums and train_step's loss scale carries the 1/world_size.
+        self.meter = comm.CommMeter(enabled=job.comm.enabled and self.distributed, divide=False)
         if self.distributed:
             self.ddp = DistributedDataParallel(
                 self.model,
@@ -168,8 +171,10 @@ class Trainer:
     def train_step(self, batch: StepBatch) -> None:
         """One optimizer step: accumulate the micro-steps, all-reduce once, update."""
         # DDP averages gradients over ranks; scaling by world/global_count turns the sum of
-        # per-sample losses into the mean over the whole global batch.
-        scale = self.info.world_size / batch.global_count
+        # per-sample losses into the mean over the whole global batch. The meter's hook only
+        # sums (no division pass over the gradients), so then the scale is 1/global_count.
+        world = 1 if self.meter.attached else self.info.world_size
+        scale = world / batch.global_count
         micro = batch.micro_batches
         stamps = []
         probe = (
