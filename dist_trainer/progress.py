@@ -66,6 +66,8 @@ class ProgressReporter:
 
         client = MlflowClient(tracking_uri=self.uri)
         live = self.console.is_terminal
+        if not live:  # plain lines every few seconds: no need to read the store every second
+            self.poll_s = max(self.poll_s, 5.0)
         progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
