@@ -191,6 +191,7 @@ class Trainer:
             self._micro_step(micro[0], scale, sync=False)
             stamps.append((t0, self.clock.stamp()))
             self.optimizer.zero_grad(set_to_none=True)
+        step_start = self.clock.stamp() if self.meter.enabled else None
         for i, idx in enumerate(micro):
             timed = self.meter.enabled and i >= len(micro) - 2
             t0 = self.clock.stamp() if timed else None
@@ -211,14 +212,16 @@ class Trainer:
         self._steps += 1
         full = all(len(m) == len(micro[-1]) for m in micro)
         if len(stamps) == 2 and full:  # (compute-only micro-step, synchronizing micro-step)
-            self._exposed_pairs.append((stamps[0], stamps[1], probe))
+            step_span = (step_start, self.clock.stamp())
+            self._exposed_pairs.append((stamps[0], stamps[1], probe, step_span))
 
     def _reset_interval(self) -> None:
         zero = torch.zeros((), device=self.device, dtype=torch.float64)
         self._loss_sum, self._correct, self._count = zero.clone(), zero.clone(), zero.clone()
         self._samples = 0
         self._steps = 0
-        self._exposed_pairs: list[tuple[Any, Any, bool]] = []
+        # (compute-only stamps, synchronizing stamps, was a probe, the whole step's stamps)
+        self._exposed_pairs: list[tuple[Any, Any, bool, Any]] = []
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._interval_start = time.perf_counter()
@@ -244,10 +247,11 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - self._interval_start
-        probe_s = sum(self.clock.seconds(a0, a1) for (a0, a1), _, p in self._exposed_pairs if p)
+        probe_s = sum(self.clock.seconds(a0, a1) for (a0, a1), _, p, _ in self._exposed_pairs if p)
+        measured_steps_s = sum(self.clock.seconds(*span) for *_, span in self._exposed_pairs)
         exposed = [
             comm.exposed_comm_s(self.clock.seconds(*sync), self.clock.seconds(*compute))
-            for compute, sync, _ in self._exposed_pairs
+            for compute, sync, _, _ in self._exposed_pairs
         ]
         steps_comm = self.meter.collect()
         nan = float("nan")
@@ -256,6 +260,8 @@ class Trainer:
             "comm_bytes": mean([s.bytes for s in steps_comm]),
             "buckets": mean([s.buckets for s in steps_comm]),
             "exposed_s": mean(exposed),
+            # Share of the measured steps' own time, so a slow step is not set against the mean.
+            "exposed_fraction": sum(exposed) / measured_steps_s if exposed else float("nan"),
             "step_s": (wall - probe_s - self._paused_s) / max(1, self._steps),
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
             **telemetry.peak_device_memory(self.device),
@@ -277,7 +283,7 @@ class Trainer:
             "mem/peak_rss_bytes_max": float(cols["peak_rss"].max()),
         }
         if self.meter.enabled:
-            metrics.update(comm_metrics(cols, step_s, self.info.world_size))
+            metrics.update(comm_metrics(cols, self.info.world_size))
         for key in ("peak_allocated_bytes", "peak_reserved_bytes"):
             if key in cols:
                 metrics[f"mem/{key}_max"] = float(cols[key].max())

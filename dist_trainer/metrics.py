@@ -52,7 +52,7 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def comm_metrics(cols: dict[str, torch.Tensor], step_s: float, world: int) -> dict[str, float]:
+def comm_metrics(cols: dict[str, torch.Tensor], world: int) -> dict[str, float]:
     """comm/* from the per-rank columns: mean over ranks, and the max where a rank can lag.
 
     A rank's all-reduce time includes waiting for peers that reach the collective later; the
@@ -79,5 +79,5 @@ def comm_metrics(cols: dict[str, torch.Tensor], step_s: float, world: int) -> di
     if not exposed.isnan().all():
         out["comm/exposed_s"] = float(exposed.nanmean())
         out["comm/exposed_s_max"] = float(exposed[~exposed.isnan()].max())
-        out["comm/fraction"] = out["comm/exposed_s"] / step_s if step_s > 0 else math.nan
+        out["comm/fraction"] = float(cols["exposed_fraction"].nanmean())
     return out
