@@ -170,9 +170,9 @@ class Trainer:
 
     def train_step(self, batch: StepBatch) -> None:
         """One optimizer step: accumulate the micro-steps, all-reduce once, update."""
-        # DDP averages gradients over ranks; scaling by world/global_count turns the sum of
-        # per-sample losses into the mean over the whole global batch. The meter's hook only
-        # sums (no division pass over the gradients), so then the scale is 1/global_count.
+        # Scale the sum of per-sample losses so the all-reduced gradient is the mean over the
+        # whole global batch: the meter's hook sums over ranks (no division pass over the
+        # gradients), DDP's built-in hook averages, so then the scale carries world_size.
         world = 1 if self.meter.attached else self.info.world_size
         scale = world / batch.global_count
         micro = batch.micro_batches
@@ -210,8 +210,8 @@ class Trainer:
         self.step += 1
         self._samples += batch.global_count
         self._steps += 1
-        full = all(len(m) == len(micro[-1]) for m in micro)
-        if len(stamps) == 2 and full:  # (compute-only micro-step, synchronizing micro-step)
+        # (compute-only micro-step, synchronizing micro-step), comparable only at equal sizes.
+        if len(stamps) == 2 and all(len(m) == len(micro[-1]) for m in micro):
             step_span = (step_start, self.clock.stamp())
             self._exposed_pairs.append((stamps[0], stamps[1], probe, step_span))
 
