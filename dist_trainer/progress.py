@@ -69,7 +69,7 @@ class ProgressReporter:
         if not live:  # plain lines every few seconds: no need to read the store every second
             self.poll_s = max(self.poll_s, 5.0)
         progress = Progress(
-            TextColumn("[bold]train"),
+            TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}  {task.fields[sps]} samples/s"),
@@ -79,9 +79,10 @@ class ProgressReporter:
             console=self.console,
             transient=False,
         )
-        task = None
         last_print = 0.0
         with progress if live else _Nothing():
+            # Until rank 0 logs its first step, the bar says the workers are starting.
+            task = progress.add_task("starting workers", total=None, loss="-", sps="-")
             while not self._stop.wait(self.poll_s):
                 try:
                     read = self._read(client)
@@ -93,9 +94,9 @@ class ProgressReporter:
                 loss = f"{metrics.get('train/loss', float('nan')):.4f}"
                 sps = f"{metrics.get('perf/samples_per_s', 0.0):,.0f}"
                 if live:
-                    if task is None:
-                        task = progress.add_task("train", total=total, loss=loss, sps=sps)
-                    progress.update(task, completed=step, loss=loss, sps=sps)
+                    progress.update(
+                        task, description="train", total=total, completed=step, loss=loss, sps=sps
+                    )
                 elif time.monotonic() - last_print > 5 or step == total:
                     last_print = time.monotonic()
                     print(
