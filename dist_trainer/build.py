@@ -1,42 +1,168 @@
-"""Build the job's objects from config: data, model, optimizer, learning-rate schedule.
+"""Build the job's objects from config: data, model, loss, optimizer, learning-rate schedule.
 
-`model` and `data` are Hydra `_target_` nodes, so a user's own class plugs in by import path.
-Dimensions the data knows (input features, classes, vocabulary) are offered to the model
-factory when its signature takes them and the config does not set them.
+`model`, `data` and `loss` are Hydra `_target_` nodes, so a user's own class or function plugs
+in by import path. Their arguments are checked against the target's signature before anything
+is called, so a mistake is one line naming the key, in the driver, before Ray starts:
+
+* Dimensions the data knows (input features, classes, vocabulary) are offered to the model when
+  its signature takes them and the config does not set them; `trainer.seed` is offered to the
+  data factory as `seed`.
+* When `_target_` names your own class or function (not a built-in), the keys it inherits from
+  the built-in group it replaced (e.g. `hidden_sizes`, `dropout` of `model: mlp`) are left out,
+  and the driver says which. A key you set that the target does not accept is refused, with the
+  parameters the target does accept. "Inherited" means: the key holds the value a shipped preset
+  (conf/<group>/*.yaml, or an experiment preset) gives it.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from dist_trainer.config import ConfigError, JobConfig, OptimConfig, import_target
+from dist_trainer.config import CONF_DIR, ConfigError, JobConfig, OptimConfig, import_target
 from dist_trainer.data import DataBundle
-from dist_trainer.tasks import TASKS
+from dist_trainer.tasks import TASKS, Loss
 
-__all__ = ["build_data", "build_model", "build_optimizer", "build_scheduler", "scaled_lr"]
+__all__ = [
+    "RESERVED_KEYS",
+    "TargetCall",
+    "build_data",
+    "build_loss",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "resolve_call",
+    "scaled_lr",
+]
+
+RESERVED_KEYS = {"data": ("loader",), "loss": ("outputs",), "model": ()}
+"""Keys of a `_target_` node that configure dist_trainer, not the target (never passed to it)."""
+
+# Criteria whose input is a probability, not a logit: the binary task thresholds at 0.5.
+_PROBABILITY_LOSSES = {"torch.nn.BCELoss", "torch.nn.functional.binary_cross_entropy"}
 
 
-def _accepted(target: Any, offered: dict[str, Any], already: Iterable[str]) -> dict[str, Any]:
-    """The subset of `offered` kwargs that `target` accepts and the config does not set."""
+@dataclass
+class TargetCall:
+    """How a `_target_` node will be called: checked, with what the config left out."""
+
+    group: str
+    path: str
+    target: Any
+    kwargs: dict[str, Any]
+    dropped: list[str] = field(default_factory=list)
+
+    def note(self) -> str | None:
+        """One line naming the inherited keys that were left out, if any."""
+        if not self.dropped:
+            return None
+        keys = ", ".join(f"{self.group}.{k}" for k in self.dropped)
+        return (
+            f"{self.group}._target_={self.path}: left out {keys} (defaults of the built-in "
+            f"{self.group} group it replaces; set them on the command line to pass them)"
+        )
+
+
+@functools.cache
+def _shipped_presets(group: str) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """(target, node) of every shipped preset of `group`: conf/<group>/*.yaml and experiments."""
+    nodes = [OmegaConf.to_container(OmegaConf.load(p)) for p in (CONF_DIR / group).glob("*.yaml")]
+    for path in (CONF_DIR / "experiment").glob("*.yaml"):
+        overlay = OmegaConf.to_container(OmegaConf.load(path))
+        if isinstance(overlay.get(group), dict):
+            nodes.append(overlay[group])
+    return tuple((str(n.get("_target_")), n) for n in nodes if isinstance(n, dict))
+
+
+def _signature(target: Any) -> tuple[dict[str, inspect.Parameter], bool]:
+    """Keyword parameters of `target` (a class: its __init__) and whether it takes **kwargs."""
     try:
-        params = inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return {}
+        params = dict(inspect.signature(target).parameters)
+    except (TypeError, ValueError):  # some builtins have no signature: accept anything
+        return {}, True
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return {k: v for k, v in offered.items() if k not in already and (takes_any or k in params)}
+    named = {
+        k: p
+        for k, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return named, takes_any
+
+
+def resolve_call(
+    group: str, node: dict[str, Any], offered: dict[str, Any], skip_inputs: int = 0
+) -> TargetCall:
+    """Check `node`'s keys against its `_target_` and add the `offered` ones it accepts.
+
+    Args:
+        group: The config group (`model`, `data`, `loss`): how errors name keys.
+        node: The `_target_` node from the config.
+        offered: Arguments the launcher offers (data dimensions, seed), passed only where the
+            target accepts them and the config does not set them.
+        skip_inputs: Leading positional parameters the caller passes at call time (a loss
+            function's outputs and targets): not required from the config.
+
+    Raises:
+        ConfigError: A key the target does not accept, or a required argument nobody gives.
+    """
+    path = str(node["_target_"])
+    target = import_target(path, key=f"{group}._target_")
+    params, takes_any = _signature(target)
+    own = {k: v for k, v in node.items() if k != "_target_" and k not in RESERVED_KEYS[group]}
+    own.pop("_partial_", None)
+    dropped: list[str] = []
+    presets = _shipped_presets(group)
+    if path not in {t for t, _ in presets}:
+        for key in list(own):
+            if any(t != path and key in n and n[key] == own[key] for t, n in presets):
+                dropped.append(key)
+                del own[key]
+    accepted = ", ".join(list(params)[skip_inputs:]) or "no arguments"
+    for key, value in own.items():
+        if not takes_any and key not in params:
+            raise ConfigError(
+                f"{group}.{key}={value!r}: {path} does not accept '{key}' (it takes: "
+                f"{accepted}). Fix: remove {group}.{key} or rename it to one of those"
+            )
+    kwargs = dict(own)
+    for key, value in offered.items():
+        if key not in kwargs and (takes_any or key in params):
+            kwargs[key] = value
+    for key, param in list(params.items())[skip_inputs:]:
+        if param.default is inspect.Parameter.empty and key not in kwargs:
+            offers = f" (the data offers: {', '.join(offered)})" if offered else ""
+            raise ConfigError(
+                f"{group}._target_={path} needs argument '{key}', which the config does not "
+                f"set{offers}. Fix: {group}.{key}=<value>"
+            )
+    return TargetCall(group, path, target, kwargs, dropped)
+
+
+def _call(call: TargetCall) -> Any:
+    """Instantiate through Hydra, so nested `_target_` values in the arguments work too."""
+    try:
+        return instantiate({"_target_": call.path, **call.kwargs})
+    except ConfigError:
+        raise
+    except Exception as exc:
+        cause = exc.__cause__ or exc  # Hydra wraps the target's own error
+        raise ConfigError(
+            f"{call.group}._target_={call.path} raised {type(cause).__name__}: {cause}. Fix: "
+            f"check the {call.group}.* arguments"
+        ) from exc
 
 
 def build_data(job: JobConfig) -> DataBundle:
     """Instantiate `data._target_`, passing `trainer.seed` as `seed` when the factory takes it."""
-    target = import_target(job.data["_target_"], key="data._target_")
-    extra = _accepted(target, {"seed": job.trainer.seed}, job.data)
-    bundle = instantiate(job.data, **extra)
+    bundle = _call(resolve_call("data", job.data, {"seed": job.trainer.seed}))
     if not isinstance(bundle, DataBundle):
         raise ConfigError(
             f"data._target_={job.data['_target_']!r} returned {type(bundle).__name__}; it must "
@@ -44,20 +170,73 @@ def build_data(job: JobConfig) -> DataBundle:
         )
     if bundle.task not in TASKS:
         raise ConfigError(f"data: task {bundle.task!r} is not one of {TASKS}")
+    if len(bundle.train) == 0 or len(bundle.val) == 0:
+        raise ConfigError(
+            f"data._target_={job.data['_target_']}: the train ({len(bundle.train)}) and val "
+            f"({len(bundle.val)}) splits must both hold samples"
+        )
     return bundle
 
 
 def build_model(job: JobConfig, bundle: DataBundle) -> torch.nn.Module:
     """Instantiate `model._target_` with the data's dimensions filled in where accepted."""
-    target = import_target(job.model["_target_"], key="model._target_")
-    extra = _accepted(target, dict(bundle.model_kwargs), job.model)
-    model = instantiate(job.model, **extra)
+    model = _call(resolve_call("model", job.model, dict(bundle.model_kwargs)))
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(
             f"model._target_={job.model['_target_']!r} returned {type(model).__name__}, "
             "not a torch.nn.Module"
         )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(
+            f"model._target_={job.model['_target_']} has no trainable parameters, so there is "
+            "nothing to train or all-reduce. Fix: give the model parameters (nn.Linear, ...) or "
+            "check that they are registered (an nn.ModuleList, not a Python list)"
+        )
     return model
+
+
+def build_loss(job: JobConfig) -> Loss:
+    """The criterion of `loss._target_` asked for per-element losses, or the task's default."""
+    node = dict(job.loss or {})
+    outputs = node.get("outputs", "auto")
+    if outputs not in ("auto", "logits", "probabilities"):
+        raise ConfigError(
+            f"loss.outputs must be auto, logits or probabilities, got {outputs!r}. Fix: "
+            "loss.outputs=probabilities for a model that ends in a sigmoid"
+        )
+    if not node.get("_target_"):
+        extra = [k for k in node if k not in ("_target_", "outputs")]
+        if extra:
+            raise ConfigError(
+                f"loss.{extra[0]} is set but loss._target_ is not. Fix: name the criterion, "
+                "e.g. loss._target_=torch.nn.CrossEntropyLoss"
+            )
+        if outputs == "probabilities":
+            raise ConfigError(
+                "loss.outputs=probabilities needs a loss that takes probabilities. Fix: "
+                "loss._target_=torch.nn.BCELoss"
+            )
+        return Loss()
+    path = str(node["_target_"])
+    if "reduction" in node:
+        raise ConfigError(
+            f"loss.reduction={node['reduction']!r}: the reduction is dist_trainer's (per-sample "
+            "losses summed, divided by the global batch), which keeps accumulation and DDP "
+            "exact. Fix: remove loss.reduction"
+        )
+    target = import_target(path, key="loss._target_")
+    is_class = inspect.isclass(target)
+    call = resolve_call("loss", node, {"reduction": "none"}, skip_inputs=0 if is_class else 2)
+    if is_class:
+        fn = _call(call)
+    else:
+        fn = functools.partial(target, **call.kwargs)
+    if not callable(fn):
+        raise ConfigError(f"loss._target_={path} built a {type(fn).__name__}, not a callable")
+    probabilities = outputs == "probabilities" or (
+        outputs == "auto" and path in _PROBABILITY_LOSSES
+    )
+    return Loss(fn=fn, name=path, probabilities=probabilities)
 
 
 def scaled_lr(optim: OptimConfig, global_batch_size: int) -> float:

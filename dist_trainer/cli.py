@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dist_trainer.config import CONF_DIR as _CONF_PATH
-from dist_trainer.config import ConfigError, register_configs
+from dist_trainer.config import ConfigError, open_target_overrides, register_configs
 
 __all__ = ["main"]
 
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dist-trainer: unknown verb {verb!r}\n\n{_USAGE}", file=sys.stderr)
         return 2
     register_configs()
+    with _config_errors_as_exit():
+        rest = open_target_overrides(rest)
     sys.argv = [f"dist-trainer {verb}", *rest]  # Hydra reads sys.argv
     _VERBS[verb]()
     return 0

@@ -23,6 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "CommMeter",
+    "ExposedCommProbe",
+    "ExposedPair",
     "StepComm",
     "algbw_gbps",
     "busbw_gbps",
@@ -353,3 +355,125 @@ class CommMeter:
             bucket_bytes=sizes,
             world_size=world_size,
         )
+
+
+# DDP checks the hook's annotations at runtime, so this module keeps them unpostponed (no
+# `from __future__ import annotations`) and quotes its forward references.
+
+# --------------------------------------------------------------------------------------------
+# Exposed communication: which micro-steps the loop times, and the pairs it gets
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExposedPair:
+    """One step's timing for comm/exposed_s, as clock stamps (resolved at log time).
+
+    Attributes:
+        compute: (start, end) of a micro-step under ``no_sync()`` (compute only).
+        sync: (start, end) of the synchronizing micro-step of the same size.
+        extra: The compute-only micro-step was an extra one (its time is not step time).
+        step: (start, end) of the whole step, extra micro-step excluded.
+    """
+
+    compute: tuple[Any, Any]
+    sync: tuple[Any, Any]
+    extra: bool
+    step: tuple[Any, Any]
+
+
+class ExposedCommProbe:
+    """Decides which micro-steps to time for ``comm/exposed_s`` and keeps the pairs.
+
+    With accumulation, the last ``no_sync()`` micro-step of every step is the compute-only
+    reference for free. Without it, the loop runs one extra compute-only micro-step (its
+    gradients thrown away) at step 1 (not 0: DDP's first iteration builds its buckets) and
+    every ``every_n_steps`` steps, about 1/N of compute. Pairs count only when the two
+    micro-steps have the same size.
+
+    Usage, per optimizer step::
+
+        timing = probe.begin(step, sizes)      # sizes of the step's micro-batches
+        if timing.extra:
+            with timing.time("extra"): compute-only micro-step
+        timing.start()
+        for i, batch in enumerate(micro):
+            with timing.time(i): micro-step i
+        timing.end()
+
+    Args:
+        stamp: The clock's ``stamp()`` (host time on CPU, CUDA events on GPU).
+        enabled: Time anything at all (off: every call is a no-op).
+        every_n_steps: How often to run the extra micro-step without accumulation.
+    """
+
+    def __init__(self, stamp: Any, enabled: bool, every_n_steps: int) -> None:
+        self._stamp = stamp
+        self.enabled = enabled
+        self.every_n_steps = every_n_steps
+        self.pairs: list[ExposedPair] = []
+
+    def begin(self, step: int, sizes: list[int]) -> "_StepTiming":
+        n = len(sizes)
+        extra = (
+            self.enabled and n == 1 and (step == 1 or (step > 0 and step % self.every_n_steps == 0))
+        )
+        reference = "extra" if extra else n - 2
+        timed = self.enabled and (extra or n >= 2) and len(set(sizes)) == 1
+        return _StepTiming(self, timed, extra, reference, n - 1)
+
+    def take(self) -> list[ExposedPair]:
+        """The pairs since the last call (the loop resolves them when it logs)."""
+        pairs, self.pairs = self.pairs, []
+        return pairs
+
+
+class _StepTiming:
+    """Stamps of one optimizer step (see ExposedCommProbe)."""
+
+    __slots__ = ("_probe", "_timed", "extra", "_reference", "_sync", "_spans", "_start")
+
+    def __init__(
+        self, probe: ExposedCommProbe, timed: bool, extra: bool, reference: Any, sync: int
+    ) -> None:
+        self._probe, self._timed, self.extra = probe, timed, extra
+        self._reference, self._sync = reference, sync
+        self._spans: dict[Any, tuple[Any, Any]] = {}
+        self._start: Any = None
+
+    def start(self) -> None:
+        if self._timed:
+            self._start = self._probe._stamp()
+
+    def time(self, which: Any) -> "_Span":
+        wanted = self._timed and (which == self._reference or which == self._sync)
+        return _Span(self, which if wanted else None)
+
+    def end(self) -> None:
+        if not self._timed or len(self._spans) != 2:
+            return
+        self._probe.pairs.append(
+            ExposedPair(
+                compute=self._spans[self._reference],
+                sync=self._spans[self._sync],
+                extra=self.extra,
+                step=(self._start, self._probe._stamp()),
+            )
+        )
+
+
+class _Span:
+    """Context manager stamping one micro-step, or nothing when it is not timed."""
+
+    __slots__ = ("_timing", "_key", "_t0")
+
+    def __init__(self, timing: _StepTiming, key: Any) -> None:
+        self._timing, self._key = timing, key
+
+    def __enter__(self) -> None:
+        if self._key is not None:
+            self._t0 = self._timing._probe._stamp()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._key is not None:
+            self._timing._spans[self._key] = (self._t0, self._timing._probe._stamp())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = [
     "ConfigError",
     "JobConfig",
     "OptimConfig",
+    "Precision",
     "ScalingConfig",
     "TelemetryConfig",
     "TrackingConfig",
@@ -29,6 +31,7 @@ __all__ = [
     "flatten",
     "import_target",
     "load_config",
+    "open_target_overrides",
     "register_configs",
     "resolve_config",
 ]
@@ -41,6 +44,29 @@ class ConfigError(ValueError):
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+class Precision(str, Enum):
+    """`trainer.precision`: how the step computes (Lightning's names)."""
+
+    FP32 = "32"
+    BF16_MIXED = "bf16-mixed"
+    FP16_MIXED = "16-mixed"
+    FP64 = "64"
+
+    @property
+    def param_dtype(self) -> Any:
+        """The dtype parameters and floating inputs are kept in."""
+        import torch
+
+        return torch.float64 if self is Precision.FP64 else torch.float32
+
+    @property
+    def autocast_dtype(self) -> Any:
+        """The autocast dtype, or None when the step runs without autocast."""
+        import torch
+
+        return {Precision.BF16_MIXED: torch.bfloat16, Precision.FP16_MIXED: torch.float16}.get(self)
 
 
 @dataclass
@@ -65,10 +91,24 @@ class TrainerConfig:
     """Validate every N epochs (and always after the last)."""
     checkpoint_every_n_steps: int | None = None
     """Checkpoint every N optimizer steps; None: at the end of each epoch. Each costs a report."""
-    dtype: str = "float32"
-    """Parameter dtype: float32, or float64 (exactness tests)."""
+    precision: Any = "32"
+    """Numerics of the step: 32 (float32), bf16-mixed (float32 weights, bfloat16 autocast),
+    16-mixed (float16 autocast with a GradScaler; its scale and skipped steps are logged), or 64
+    (float64 weights and loss, for exactness tests)."""
+    compile: bool = False
+    """torch.compile the model before wrapping it in DDP (DDP's optimizer splits the graph at
+    bucket boundaries so communication still overlaps the backward pass)."""
+    tf32: bool = True
+    """On CUDA, let float32 matmuls and convolutions use TF32 tensor cores (32 and *-mixed)."""
+    peak_tflops_per_device: float | None = None
+    """Peak dense TFLOP/s of one device at this precision, for perf/mfu. None: looked up for
+    A100/H100/H200 (bf16/fp16 dense, or TF32/FP32); no perf/mfu on other devices."""
     grad_clip_norm: float | None = None
     """Clip the global gradient norm to this value before each optimizer step (None: off)."""
+    preflight: bool = True
+    """Before Ray starts, build the data and the model (on the meta device) in the driver and
+    check them: arguments, parameters, output shape, data size. Set false when building the
+    data in the driver is too costly; the workers then report the same mistakes."""
 
     def __post_init__(self) -> None:
         _require(
@@ -100,9 +140,18 @@ class TrainerConfig:
             "trainer.checkpoint_every_n_steps must be > 0 or null (each epoch end), got "
             f"{self.checkpoint_every_n_steps}",
         )
+        choices = [p.value for p in Precision]
         _require(
-            self.dtype in ("float32", "float64"),
-            f"trainer.dtype must be float32 or float64, got {self.dtype!r}",
+            str(self.precision) in choices,
+            f"trainer.precision must be one of {', '.join(choices)}, got {self.precision!r}. "
+            "Fix: trainer.precision=bf16-mixed on recent GPUs, 32 on CPU",
+        )
+        # YAML and the command line give 32 and 64 as ints; the loop gets the enum.
+        self.precision = Precision(str(self.precision))
+        _require(
+            self.peak_tflops_per_device is None or self.peak_tflops_per_device > 0,
+            "trainer.peak_tflops_per_device must be > 0 or null (look it up), got "
+            f"{self.peak_tflops_per_device}",
         )
 
     @property
@@ -173,8 +222,10 @@ class ScalingConfig:
     """Where Ray Train keeps checkpoints (project-local, not the home directory)."""
     max_failures: int = 0
     """Worker-group restarts Ray Train tries before failing the job (resumes from a checkpoint)."""
-    bucket_cap_mb: float = 25.0
-    """DDP gradient bucket size in MiB (DDP's default); smaller buckets overlap more, cost more."""
+    bucket_cap_mb: float | None = None
+    """DDP gradient bucket size in MiB; None keeps DDP's own default (25 MiB, with a small first
+    bucket so communication starts early in the backward pass). Smaller buckets overlap more
+    and cost more calls."""
 
     def __post_init__(self) -> None:
         _require(
@@ -192,7 +243,10 @@ class ScalingConfig:
             f"got {self.placement_strategy!r}",
         )
         _require(self.max_failures >= -1, "scaling.max_failures must be >= -1 (-1: no limit)")
-        _require(self.bucket_cap_mb > 0, "scaling.bucket_cap_mb must be > 0")
+        _require(
+            self.bucket_cap_mb is None or self.bucket_cap_mb > 0,
+            "scaling.bucket_cap_mb must be > 0 or null (DDP's default)",
+        )
 
 
 @dataclass
@@ -268,7 +322,13 @@ class JobConfig:
     model: Any = None
     """The network: `_target_` import path of an nn.Module class or factory, plus its kwargs."""
     data: Any = None
-    """The data: `_target_` of a factory returning dist_trainer.data.DataBundle, plus kwargs."""
+    """The data: `_target_` of a factory returning dist_trainer.data.DataBundle, plus kwargs.
+    `data.loader.*` (dist_trainer.loading.LoaderConfig) says how it is fed and is not passed."""
+    loss: Any = field(default_factory=lambda: {"_target_": None})
+    """The criterion: `_target_` of a torch loss class or a function `fn(outputs, targets)`,
+    plus its kwargs (e.g. loss.label_smoothing=0.1); null: the task's default. It is always
+    asked for per-element losses; `loss.outputs` (auto | logits | probabilities) says whether
+    a binary model's outputs are probabilities (auto: yes for BCELoss)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -285,6 +345,26 @@ class JobConfig:
                 f"or set {key}._target_=your_package.YourClass",
             )
             import_target(node["_target_"], key=f"{key}._target_")
+        _require(
+            self.loss is None or isinstance(self.loss, dict),
+            "loss must be a node with a _target_ (e.g. loss._target_=torch.nn.BCELoss) or null",
+        )
+        if self.loss and self.loss.get("_target_"):
+            import_target(self.loss["_target_"], key="loss._target_")
+        from dist_trainer.loading import LoaderConfig  # loading imports this module
+
+        loader = self.data.get("loader") or {}
+        _require(
+            isinstance(loader, dict),
+            f"data.loader must be a node of DataLoader settings, got {loader!r}",
+        )
+        unknown = sorted(set(loader) - set(LoaderConfig.__dataclass_fields__))
+        _require(
+            not unknown,
+            f"data.loader.{unknown[0] if unknown else ''} is not a loader setting. Fix: use one "
+            f"of {', '.join(LoaderConfig.__dataclass_fields__)}",
+        )
+        self.loader = LoaderConfig(**loader)
 
 
 def import_target(path: str, key: str) -> Any:
@@ -313,8 +393,52 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
     register_configs()
+    overrides = open_target_overrides(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose(config_name="config", overrides=list(overrides))
+
+
+# The `_target_` nodes take whatever arguments their target does, so a new key there is an
+# argument, not a typo in a launcher setting: it needs no `+` (Hydra's "append" prefix).
+_OPEN_NODES = ("model.", "data.", "loss.")
+
+
+def open_target_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Prefix `+` to overrides that add a key under model/data/loss, so Hydra accepts them.
+
+    Which keys exist depends on the group choices (model=cnn has other keys than model=mlp),
+    so the choices among `overrides` are composed first, without the dotted keys.
+    """
+    from hydra import compose, initialize_config_dir
+
+    dotted = [
+        o
+        for o in overrides
+        if o.startswith(_OPEN_NODES) and "=" in o and "@" not in o.split("=", 1)[0]
+    ]
+    if not dotted:
+        return list(overrides)
+    choices = [
+        o
+        for o in overrides
+        if "=" in o
+        and "." not in o.split("=", 1)[0]
+        and not o.startswith(("+", "~", "hydra", "-"))
+        and "," not in o.split("=", 1)[1]  # a sweep (-m model=mlp,cnn): defaults decide
+    ]
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        base = compose(config_name="config", overrides=choices)
+    out = []
+    for override in overrides:
+        if override in dotted:
+            *parents, leaf = override.split("=", 1)[0].split(".")
+            node = OmegaConf.select(base, ".".join(parents), default=None)
+            exists = isinstance(node, DictConfig) and leaf in node
+            if not exists:
+                override = "+" + override
+        out.append(override)
+    return out
 
 
 def resolve_config(cfg: DictConfig | dict) -> JobConfig:

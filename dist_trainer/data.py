@@ -121,7 +121,12 @@ def _read_digits() -> tuple[np.ndarray, np.ndarray]:
 # Factories
 
 
-def breast_cancer(val_fraction: float = 0.2, seed: int = 0, standardize: bool = True) -> DataBundle:
+def breast_cancer(
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    standardize: bool = True,
+    num_features: int | None = None,
+) -> DataBundle:
     """Wisconsin breast cancer (569 x 30 features, binary), from scikit-learn's bundled CSV.
 
     Args:
@@ -129,11 +134,17 @@ def breast_cancer(val_fraction: float = 0.2, seed: int = 0, standardize: bool = 
         seed: Seeds the random train/val split.
         standardize: Scale each feature to zero mean, unit variance using train-split statistics
             only (so nothing about the val set leaks into training).
+        num_features: Keep only the first N of the 30 columns (None: all). The first 10 are the
+            "mean" measurements (radius, texture, ...), as in the seed tutorial's example.
 
     Returns:
         A bundle with float32 x ``[N, 30]``, float32 y ``[N]`` in {0, 1}, task ``"binary"``.
     """
     x_np, y_np = _read_breast_cancer()
+    if num_features is not None:
+        if not 1 <= num_features <= x_np.shape[1]:
+            raise ValueError(f"num_features must be in 1..{x_np.shape[1]}, got {num_features!r}")
+        x_np = x_np[:, :num_features]
     x = torch.from_numpy(x_np)  # float64 while computing statistics; cast at the end
     y = torch.from_numpy(y_np).to(torch.float32)
     train_idx, val_idx = _split(len(x), val_fraction, seed)

@@ -313,12 +313,36 @@ def launch(
         status, error = "KILLED", "interrupted by the user"
         raise
     except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        user_error = _config_error_in(exc)
+        error = str(user_error) if user_error else f"{type(exc).__name__}: {exc}"
+        if user_error is not None:
+            raise user_error from None
         raise
     finally:
         reporter.stop()
         tracking.finish_job_run(uri, run_id, status, error)
     return run_id, result, use_gpu
+
+
+def _config_error_in(exc: BaseException) -> ConfigError | None:
+    """A ConfigError a worker raised (a mistake only the workers could see), as one line."""
+    seen: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.append(current)
+        if isinstance(current, ConfigError):
+            # Ray's RayTaskError(ConfigError) carries the worker's traceback in its str().
+            message = getattr(current, "args", ("",))[0] if current.args else str(current)
+            return ConfigError(str(message).strip().splitlines()[-1] if message else "")
+        todo.extend(getattr(current, "worker_failures", {}).values())
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        cause = getattr(current, "cause", None)
+        if isinstance(cause, BaseException):
+            todo.append(cause)
+    return None
 
 
 def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
@@ -327,6 +351,11 @@ def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
     prepared = prepare(cfg)
     job, plan, uri = prepared.job, prepared.plan, prepared.tracking_uri
     print(f"[dist-trainer] {plan.describe()}", flush=True)
+    if job.trainer.preflight:  # the user's model, data and loss, checked before Ray starts
+        from dist_trainer.preflight import preflight  # imports torch: only when it runs
+
+        for note in preflight(job, plan).notes:
+            print(f"[dist-trainer] {note}", flush=True)
     from dist_trainer.workers import train_fn
 
     plan_text = "\n".join([plan.describe(), *(f"{k}: {v}" for k, v in plan.as_params().items())])

@@ -22,9 +22,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 import os
-import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,14 +32,22 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_trainer import comm, telemetry
+from dist_trainer import comm, perf, telemetry
 from dist_trainer.batching import BatchPlan
-from dist_trainer.build import build_data, build_model, build_optimizer, build_scheduler
+from dist_trainer.build import (
+    build_data,
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+)
 from dist_trainer.checkpoint import CheckpointSink, LocalCheckpointSink
-from dist_trainer.config import JobConfig
-from dist_trainer.metrics import GPU_KEYS, StepClock, comm_metrics, mean
-from dist_trainer.sampling import GlobalBatchSampler, StepBatch, shard_for_rank
-from dist_trainer.tasks import loss_sums
+from dist_trainer.config import ConfigError, JobConfig, Precision
+from dist_trainer.loading import BatchFeed, FedStep
+from dist_trainer.metrics import IntervalMetrics, StepClock
+from dist_trainer.preflight import flops_per_sample
+from dist_trainer.sampling import GlobalBatchSampler, shard_for_rank
+from dist_trainer.tasks import OutputShapeError, check_outputs, loss_sums
 from dist_trainer.tracking import NullLogger, RunLogger, SystemMetrics
 
 __all__ = ["Trainer", "WorkerInfo", "run_training"]
@@ -97,26 +103,53 @@ class Trainer:
         self.logger = logger or NullLogger()
         self.sink = sink or LocalCheckpointSink(None)
         self.device = info.device
-        self.dtype = getattr(torch, job.trainer.dtype)
+        precision = job.trainer.precision
+        self.dtype = precision.param_dtype
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = job.trainer.tf32
+            torch.backends.cudnn.allow_tf32 = job.trainer.tf32
         torch.manual_seed(job.trainer.seed)  # same init on every rank (DDP also broadcasts it)
 
         self.data = build_data(job)
-        self.train_x, self.train_y = self._on_device(self.data.train)
-        self.val_x, self.val_y = self._on_device(self.data.val)
+        self.loss = build_loss(job)
+        if isinstance(self.loss.fn, torch.nn.Module):  # e.g. a class weight tensor
+            self.loss.fn.to(self.device)
+        self.train_feed = BatchFeed(self.data.train, self.device, self.dtype, job.loader)
+        self.val_feed = BatchFeed(self.data.val, self.device, self.dtype, job.loader)
         self.model = build_model(job, self.data).to(device=self.device, dtype=self.dtype)
         self.distributed = dist.is_available() and dist.is_initialized()
-        self.ddp: torch.nn.Module = self.model
-        # divide=False: the hook sums and train_step's loss scale carries the 1/world_size.
+        # divide=False: the hook sums and the loss scale carries the 1/world_size.
         self.meter = comm.CommMeter(enabled=job.comm.enabled and self.distributed, divide=False)
+        self.ddp: torch.nn.Module = self.model
         if self.distributed:
+            bucket = (
+                {"bucket_cap_mb": job.scaling.bucket_cap_mb} if job.scaling.bucket_cap_mb else {}
+            )
             self.ddp = DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                bucket_cap_mb=job.scaling.bucket_cap_mb,
+                **bucket,
             )
             self.meter.attach(self.ddp)
+        # Compile the DDP module, not the bare model: DDP's graph optimizer then splits the
+        # graph at bucket boundaries so the all-reduce still overlaps the backward pass.
+        self.forward = torch.compile(self.ddp) if job.trainer.compile else self.ddp
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=precision.autocast_dtype)
+            if precision.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        # float16 needs loss scaling against underflow; bfloat16 has float32's exponent range.
+        self.scaler = (
+            torch.amp.GradScaler(self.device.type) if precision is Precision.FP16_MIXED else None
+        )
+        self.skipped_steps = 0
         self.sampler = GlobalBatchSampler(
-            len(self.train_x), plan, info.rank, job.trainer.seed, drop_last=job.trainer.drop_last
+            len(self.data.train),
+            plan,
+            info.rank,
+            job.trainer.seed,
+            drop_last=job.trainer.drop_last,
         )
         epoch_steps = self.sampler.steps_per_epoch * job.trainer.max_epochs
         self.total_steps = min(job.trainer.max_steps or epoch_steps, epoch_steps)
@@ -126,207 +159,145 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.clock = StepClock(self.device)
+        self.probe = comm.ExposedCommProbe(
+            self.clock.stamp, self.meter.enabled, job.comm.probe_every_n_steps
+        )
+        self.interval = IntervalMetrics(
+            self.device,
+            info.rank,
+            info.world_size,
+            info.node_rank,
+            info.local_rank,
+            self.distributed,
+            self.clock.seconds,
+        )
+        self.flops_per_sample = flops_per_sample(
+            job, self.data, self.loss, self.dtype, plan.micro_batch_size
+        )
+        self.peak_tflops = perf.peak_tflops(
+            self.device, precision, job.trainer.tf32, job.trainer.peak_tflops_per_device
+        )
         self.sampler_gpu = (
             telemetry.GpuSampler.for_device(self.device, job.telemetry.interval_s)
             if job.telemetry.enabled and self.device.type == "cuda"
             else None
         )
-        self._reset_interval()
-
-    # ---------------------------------------------------------------- data
-    def _on_device(self, dataset: Any) -> tuple[Any, Any]:
-        """TensorDatasets move to the device once; other datasets are collated per micro-batch."""
-        tensors = getattr(dataset, "tensors", None)
-        if tensors is not None and len(tensors) == 2:
-            x, y = (t.to(self.device) for t in tensors)
-            if x.is_floating_point():
-                x = x.to(self.dtype)
-            if y.is_floating_point():
-                y = y.to(self.dtype)
-            return x, y
-        return dataset, None
-
-    def _fetch(
-        self, x_all: Any, y_all: Any, idx: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if y_all is not None:
-            idx = idx.to(self.device, non_blocking=True)
-            return x_all[idx], y_all[idx]
-        items = [x_all[int(i)] for i in idx]
-        if not items:
-            raise ValueError("an empty micro-batch from a non-tensor dataset cannot be collated")
-        x, y = torch.utils.data.default_collate(items)
-        x = x.to(self.device, dtype=self.dtype if x.is_floating_point() else None)
-        y = y.to(self.device, dtype=self.dtype if y.is_floating_point() else None)
-        return x, y
+        self._first_outputs_checked = False
 
     # ---------------------------------------------------------------- steps
-    def _micro_step(self, idx: torch.Tensor, scale: float, sync: bool) -> tuple[torch.Tensor, ...]:
-        x, y = self._fetch(self.train_x, self.train_y, idx)
-        with contextlib.nullcontext() if sync or not self.distributed else self.ddp.no_sync():
-            loss_sum, correct, count = loss_sums(self.data.task, self.ddp(x), y)
-            (loss_sum * scale).backward()
+    def _loss_scale(self, global_count: int) -> float:
+        # The sum of per-sample losses times this makes the all-reduced gradient the mean over
+        # the whole global batch: the meter's hook sums over ranks (no division pass over the
+        # gradients); DDP's built-in hook averages, so then the scale carries world_size.
+        world = 1 if self.meter.attached else self.info.world_size
+        return world / global_count
+
+    def _micro_step(
+        self, x: torch.Tensor, y: torch.Tensor, scale: float, sync: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward and backward of one micro-batch; returns its (loss sum, correct, count)."""
+        syncs = sync or not self.distributed
+        with contextlib.nullcontext() if syncs else self.ddp.no_sync():
+            with self.autocast:
+                outputs = self.forward(x)
+                if not self._first_outputs_checked:
+                    self._check_first_outputs(outputs, y)
+                loss_sum, correct, count = loss_sums(self.data.task, outputs, y, self.loss)
+            loss = loss_sum * scale
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
         return loss_sum.detach(), correct, count
 
-    def train_step(self, batch: StepBatch) -> None:
+    def train_step(self, step: FedStep) -> None:
         """One optimizer step: accumulate the micro-steps, all-reduce once, update."""
-        # Scale the sum of per-sample losses so the all-reduced gradient is the mean over the
-        # whole global batch: the meter's hook sums over ranks (no division pass over the
-        # gradients), DDP's built-in hook averages, so then the scale carries world_size.
-        world = 1 if self.meter.attached else self.info.world_size
-        scale = world / batch.global_count
-        micro = batch.micro_batches
-        stamps = []
-        probe = (
-            self.meter.enabled
-            and len(micro) == 1
-            # Step 1 (not 0: DDP's first iteration builds its buckets), then every N steps.
-            and (
-                self.step == 1
-                or (self.step > 0 and self.step % self.job.comm.probe_every_n_steps == 0)
-            )
-        )
-        if probe:  # compute-only reference for comm/exposed_s; its gradients are thrown away
-            t0 = self.clock.stamp()
-            self._micro_step(micro[0], scale, sync=False)
-            stamps.append((t0, self.clock.stamp()))
+        micro = step.micro_batches
+        scale = self._loss_scale(step.global_count)
+        timing = self.probe.begin(self.step, [len(y) for _, y in micro])
+        if timing.extra:  # compute-only reference for comm/exposed_s; its gradients are dropped
+            with timing.time("extra"):
+                self._micro_step(*micro[0], scale, sync=False)
             self.optimizer.zero_grad(set_to_none=True)
-        step_start = self.clock.stamp() if self.meter.enabled else None
-        for i, idx in enumerate(micro):
-            timed = self.meter.enabled and i >= len(micro) - 2
-            t0 = self.clock.stamp() if timed else None
-            loss_sum, correct, count = self._micro_step(idx, scale, sync=i == len(micro) - 1)
-            if timed:
-                stamps.append((t0, self.clock.stamp()))
-            self._loss_sum += loss_sum
-            self._correct += correct
-            self._count += count
-        if self.job.trainer.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.job.trainer.grad_clip_norm)
-        self.optimizer.step()
+        timing.start()
+        for i, (x, y) in enumerate(micro):
+            with timing.time(i):
+                sums = self._micro_step(x, y, scale, sync=i == len(micro) - 1)
+            self.interval.add_micro_step(*sums)
+        self._optimizer_step()
+        self.meter.end_step()
+        timing.end()
+        self.step += 1
+        self.interval.add_step(step.global_count)
+
+    def _optimizer_step(self) -> None:
+        clip = self.job.trainer.grad_clip_norm
+        if self.scaler is None:
+            if clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.optimizer.step()
+        else:
+            if clip:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            scale_before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the step on inf/nan gradients
+            self.scaler.update()
+            # A skipped step lowers the scale. GradScaler.step has synced already (it reads
+            # found_inf on the host), so reading the scale costs no further stall.
+            self.skipped_steps += self.scaler.get_scale() < scale_before
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.meter.end_step()
-        self.step += 1
-        self._samples += batch.global_count
-        self._steps += 1
-        # (compute-only micro-step, synchronizing micro-step), comparable only at equal sizes.
-        if len(stamps) == 2 and all(len(m) == len(micro[-1]) for m in micro):
-            step_span = (step_start, self.clock.stamp())
-            self._exposed_pairs.append((stamps[0], stamps[1], probe, step_span))
 
-    def _reset_interval(self) -> None:
-        zero = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._loss_sum, self._correct, self._count = zero.clone(), zero.clone(), zero.clone()
-        self._samples = 0
-        self._steps = 0
-        # (compute-only stamps, synchronizing stamps, was a probe, the whole step's stamps)
-        self._exposed_pairs: list[tuple[Any, Any, bool, Any]] = []
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self._interval_start = time.perf_counter()
-        self._paused_s = 0.0  # validation and checkpoints inside the interval: not step time
+    def _check_first_outputs(self, outputs: torch.Tensor, y: torch.Tensor) -> None:
+        """Once, on the first micro-batch: outputs that do not fit the task or the loss."""
+        self._first_outputs_checked = True
+        try:
+            check_outputs(self.data.task, outputs, y)
+        except OutputShapeError as exc:
+            raise ConfigError(
+                f"model._target_={self.job.model['_target_']} on data._target_="
+                f"{self.job.data['_target_']}: {exc}. Fix: make the model's output fit the "
+                f"'{self.data.task}' task"
+            ) from None
+        if self.info.rank == 0 and self.data.task != "lm" and self.loss.takes_logits:
+            detached = outputs.detach()
+            if detached.numel() and bool(((detached >= 0) & (detached <= 1)).all()):
+                log.warning(
+                    "every output of the first batch lies in [0, 1], but %s takes logits: if "
+                    "the model ends in a sigmoid/softmax, use loss._target_=torch.nn.BCELoss "
+                    "(binary) or drop the final activation",
+                    self.loss.name,
+                )
 
     # ---------------------------------------------------------------- metrics
-    def _gather(self, values: list[float], on_device: list[torch.Tensor]) -> torch.Tensor:
-        """Every rank's vector, as a [world, K] float64 tensor (one collective)."""
-        local = torch.cat(
-            [
-                torch.stack(on_device).to(torch.float64),
-                torch.tensor(values, dtype=torch.float64, device=self.device),
-            ]
-        )
-        if not self.distributed:
-            return local[None].cpu()
-        out = [torch.empty_like(local) for _ in range(self.info.world_size)]
-        dist.all_gather(out, local)
-        return torch.stack(out).cpu()
-
     def log_interval(self) -> dict[str, float]:
         """All-gather the interval's numbers; rank 0 logs them. Returns what was logged."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        wall = time.perf_counter() - self._interval_start
-        probe_s = sum(self.clock.seconds(a0, a1) for (a0, a1), _, p, _ in self._exposed_pairs if p)
-        measured_steps_s = sum(self.clock.seconds(*span) for *_, span in self._exposed_pairs)
-        exposed = [
-            comm.exposed_comm_s(self.clock.seconds(*sync), self.clock.seconds(*compute))
-            for compute, sync, _, _ in self._exposed_pairs
-        ]
-        steps_comm = self.meter.collect()
-        nan = float("nan")
-        per_rank = {
-            "comm_s": mean([s.allreduce_s for s in steps_comm]),
-            "comm_bytes": mean([s.bytes for s in steps_comm]),
-            "buckets": mean([s.buckets for s in steps_comm]),
-            "exposed_s": mean(exposed),
-            # Share of the measured steps' own time, so a slow step is not set against the mean.
-            "exposed_fraction": sum(exposed) / measured_steps_s if exposed else float("nan"),
-            "step_s": (wall - probe_s - self._paused_s) / max(1, self._steps),
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
-            **telemetry.peak_device_memory(self.device),
-        }
-        gpu = self.sampler_gpu.snapshot() if self.sampler_gpu else {}
-        keys = sorted(per_rank) + [f"gpu.{k}" for k in GPU_KEYS]
-        values = [per_rank[k] for k in sorted(per_rank)] + [gpu.get(k, nan) for k in GPU_KEYS]
-        table = self._gather(values, [self._loss_sum, self._correct, self._count])
-        loss_sum, correct, count = table[:, 0].sum(), table[:, 1].sum(), table[:, 2].sum()
-        cols = {k: table[:, 3 + i] for i, k in enumerate(keys)}
-        step_s = float(cols["step_s"].max())  # the slowest rank sets the pace
-        metrics = {
-            "train/loss": float(loss_sum) / max(1, self._samples),
-            "train/accuracy": float(correct) / max(1.0, float(count)),
-            "train/lr": self.optimizer.param_groups[0]["lr"],
-            "train/epoch": self.epoch + self.step_in_epoch / self.sampler.steps_per_epoch,
-            "perf/step_time_s": step_s,
-            "perf/samples_per_s": self._samples / max(1e-12, step_s * self._steps),
-            "mem/peak_rss_bytes_max": float(cols["peak_rss"].max()),
-        }
-        if self.meter.enabled:
-            metrics.update(comm_metrics(cols, self.info.world_size))
-        for key in ("peak_allocated_bytes", "peak_reserved_bytes"):
-            if key in cols:
-                metrics[f"mem/{key}_max"] = float(cols[key].max())
-        metrics.update(self._per_worker_metrics(cols))
-        metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}
+        per_rank = dict(telemetry.peak_device_memory(self.device))
+        if self.scaler is not None:
+            per_rank["grad_scale"] = self.scaler.get_scale()
+            per_rank["skipped"] = float(self.skipped_steps)
+        metrics = self.interval.collect(
+            steps_comm=self.meter.collect(),
+            pairs=self.probe.take(),
+            per_rank_extra=per_rank,
+            gpu=self.sampler_gpu.snapshot() if self.sampler_gpu else {},
+            comm_enabled=self.meter.enabled,
+            flops_per_sample=self.flops_per_sample,
+            peak_tflops=self.peak_tflops,
+        )
+        metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["train/epoch"] = self.epoch + self.step_in_epoch / self.sampler.steps_per_epoch
         self.logger.log_metrics(metrics, step=self.step)
-        self._reset_interval()
         return metrics
-
-    def _per_worker_metrics(self, cols: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Telemetry named for the worker it comes from: node and local rank in the key."""
-        out: dict[str, float] = {}
-        local_ranks = self._worker_ids()
-        for rank, (node, local) in enumerate(local_ranks):
-            where = f"node{node}/rank{local}"
-            out[f"mem/{where}/peak_rss_bytes"] = float(cols["peak_rss"][rank])
-            if "peak_allocated_bytes" in cols:
-                out[f"mem/{where}/peak_allocated_bytes"] = float(cols["peak_allocated_bytes"][rank])
-            for key in GPU_KEYS:
-                out[f"system/{where}/{key}"] = float(cols[f"gpu.{key}"][rank])
-        return out
-
-    def _worker_ids(self) -> list[tuple[int, int]]:
-        if not hasattr(self, "_ids"):
-            mine = torch.tensor([self.info.node_rank, self.info.local_rank], device=self.device)
-            if self.distributed:
-                out = [torch.empty_like(mine) for _ in range(self.info.world_size)]
-                dist.all_gather(out, mine)
-            else:
-                out = [mine]
-            self._ids = [tuple(int(v) for v in t.tolist()) for t in out]
-        return self._ids
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation over this rank's share of the split, summed over ranks."""
         self.model.eval()
-        idx = shard_for_rank(torch.arange(len(self.val_x)), self.info.rank, self.info.world_size)
+        idx = shard_for_rank(torch.arange(len(self.data.val)), self.info.rank, self.info.world_size)
         zero = torch.zeros((), device=self.device, dtype=torch.float64)
         loss_sum, correct, count = zero.clone(), zero.clone(), zero.clone()
-        for chunk in idx.split(max(1, 2 * self.plan.micro_batch_size)):
-            x, y = self._fetch(self.val_x, self.val_y, chunk)
-            ls, c, n = loss_sums(self.data.task, self.model(x), y)
+        for x, y in self.val_feed.batches(idx, max(1, 2 * self.plan.micro_batch_size)):
+            with self.autocast:
+                ls, c, n = loss_sums(self.data.task, self.model(x), y, self.loss)
             loss_sum += ls
             correct += c
             count += n
@@ -339,7 +310,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
-        return {
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -347,11 +318,16 @@ class Trainer:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
         }
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
 
@@ -360,65 +336,89 @@ class Trainer:
         state = self.state() if self.info.rank == 0 else None
         self.sink.save(state, {"step": self.step, **metrics}, self.step)
         self._last_checkpoint = self.step
-        self._paused_s += time.perf_counter() - started
+        self.interval.paused_s += time.perf_counter() - started
 
     # ---------------------------------------------------------------- run
+    def _should_log(self) -> bool:
+        return self.step == 1 or self.step % self.job.trainer.log_every_n_steps == 0
+
+    def _should_checkpoint(self) -> bool:
+        every = self.job.trainer.checkpoint_every_n_steps
+        return bool(every) and self.step % every == 0 and self.step < self.total_steps
+
+    def _should_validate(self, epoch_done: bool, finished: bool) -> bool:
+        every = self.job.trainer.val_every_n_epochs
+        return finished or (epoch_done and (self.epoch + 1) % every == 0)
+
     def fit(self) -> dict[str, float]:
         """Train to `total_steps`, validating, logging and checkpointing on the way."""
-        trainer = self.job.trainer
         resumed = self.sink.latest()
         if resumed is not None:
             self.load_state(resumed)
             log.info("resumed from step %d (epoch %d)", self.step, self.epoch)
         if self.info.rank == 0:
-            self.logger.log_params(
-                {
-                    "plan.steps_per_epoch": self.sampler.steps_per_epoch,
-                    "plan.total_steps": self.total_steps,
-                    "data.train_samples": len(self.train_x),
-                    "data.val_samples": len(self.val_x),
-                    "model.parameters": sum(p.numel() for p in self.model.parameters()),
-                }
-            )
+            self.logger.log_params(self._run_params())
         if self.sampler_gpu:
             self.sampler_gpu.start()
         elif self.job.telemetry.enabled and self.info.rank == 0:
             log.info("GPU telemetry is off: workers run on %s", self.device.type)
         self._last_checkpoint = self.step
         last: dict[str, float] = {}
-        self._reset_interval()
-        while self.step < self.total_steps:
-            order = self.sampler.epoch_order(self.epoch)
-            while (
-                self.step_in_epoch < self.sampler.steps_per_epoch and self.step < self.total_steps
-            ):
-                self.train_step(self.sampler.step(order, self.step_in_epoch))
-                self.step_in_epoch += 1
-                if self.step == 1 or self.step % trainer.log_every_n_steps == 0:
-                    last.update(self.log_interval())
-                every = trainer.checkpoint_every_n_steps
-                if every and self.step % every == 0 and self.step < self.total_steps:
-                    self.checkpoint(last)
-            epoch_done = self.step_in_epoch >= self.sampler.steps_per_epoch
-            finished = self.step >= self.total_steps
-            if self._steps:
-                last.update(self.log_interval())
-            if finished or (epoch_done and (self.epoch + 1) % trainer.val_every_n_epochs == 0):
-                started = time.perf_counter()
-                val = self.evaluate()
-                self._paused_s += time.perf_counter() - started
-                self.logger.log_metrics(val, step=self.step)
-                last.update(val)
-            if epoch_done:
-                self.epoch += 1
-                self.step_in_epoch = 0
-            if (finished or (epoch_done and not trainer.checkpoint_every_n_steps)) and (
-                self._last_checkpoint != self.step
-            ):
-                self.checkpoint(last)
-        if self.sampler_gpu:
-            self.sampler_gpu.stop()
+        self.interval.reset()
+        try:
+            while self.step < self.total_steps:
+                for fed in self.train_feed.steps(self.sampler, self.epoch, self.step_in_epoch):
+                    if self.step >= self.total_steps:
+                        break
+                    self.train_step(fed)
+                    self.step_in_epoch += 1
+                    if self._should_log():
+                        last.update(self.log_interval())
+                    if self._should_checkpoint():
+                        self.checkpoint(last)
+                last.update(self._end_of_epoch_or_run(last))
+        finally:
+            if self.sampler_gpu:
+                self.sampler_gpu.stop()
+            self.train_feed.close()
+            self.val_feed.close()
         return last
+
+    def _end_of_epoch_or_run(self, last: dict[str, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        epoch_done = self.step_in_epoch >= self.sampler.steps_per_epoch
+        finished = self.step >= self.total_steps
+        if self.interval.steps:
+            out.update(self.log_interval())
+        if self._should_validate(epoch_done, finished):
+            started = time.perf_counter()
+            val = self.evaluate()
+            self.interval.paused_s += time.perf_counter() - started
+            self.logger.log_metrics(val, step=self.step)
+            out.update(val)
+        if epoch_done:
+            self.epoch += 1
+            self.step_in_epoch = 0
+        every_epoch = epoch_done and not self.job.trainer.checkpoint_every_n_steps
+        if (finished or every_epoch) and self._last_checkpoint != self.step:
+            self.checkpoint({**last, **out})
+        return out
+
+    def _run_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "plan.steps_per_epoch": self.sampler.steps_per_epoch,
+            "plan.total_steps": self.total_steps,
+            "data.train_samples": len(self.data.train),
+            "data.val_samples": len(self.data.val),
+            "data.in_memory": self.train_feed.in_memory,
+            "model.parameters": sum(p.numel() for p in self.model.parameters()),
+            "loss.name": self.loss.name,
+        }
+        if self.flops_per_sample:
+            params["model.flops_per_sample"] = int(self.flops_per_sample)
+        if self.peak_tflops:
+            params["perf.peak_tflops_per_device"] = self.peak_tflops
+        return params
 
     def log_final_weights(self) -> None:
         """Rank 0: the trained weights as an MLflow artifact (model/state_dict.pt)."""

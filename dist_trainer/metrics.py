@@ -1,21 +1,24 @@
 """Turning one log interval's raw timings into the numbers the loop logs.
 
-Pure helpers for dist_trainer.loop: a clock that stamps on the host (CPU) or as CUDA events
-(resolved only at log time, so the hot path never synchronizes), the comm/* figures from the
-per-rank columns gathered once per interval, and the NVML keys each worker reports.
+For dist_trainer.loop: a clock that stamps on the host (CPU) or as CUDA events (resolved only at
+log time, so the hot path never synchronizes), the interval's sums and the one all-gather that
+turns them into metrics, the comm/* figures from the per-rank columns, and the NVML keys each
+worker reports.
 """
 
 from __future__ import annotations
 
 import math
+import resource
 import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from dist_trainer import comm
 
-__all__ = ["GPU_KEYS", "StepClock", "comm_metrics", "mean"]
+__all__ = ["GPU_KEYS", "IntervalMetrics", "StepClock", "comm_metrics", "mean"]
 
 # The NVML figures each worker reports per log interval (a subset of GpuSampler.snapshot()).
 GPU_KEYS = (
@@ -81,3 +84,151 @@ def comm_metrics(cols: dict[str, torch.Tensor], world: int) -> dict[str, float]:
         out["comm/exposed_s_max"] = float(exposed[~exposed.isnan()].max())
         out["comm/fraction"] = float(cols["exposed_fraction"].nanmean())
     return out
+
+
+class IntervalMetrics:
+    """One log interval's sums on the device, and the one all-gather that turns them into metrics.
+
+    The loop adds each micro-step's loss sum, correct count and sample count as device tensors
+    (no sync), and each step's global sample count as a Python int; `collect()` gathers every
+    rank's figures in one collective, every `trainer.log_every_n_steps` steps.
+
+    Args:
+        device: Where the sums live.
+        rank, world_size, node_rank, local_rank: Where this worker sits.
+        distributed: Whether a process group is up (else a world of one).
+        seconds: The clock's `seconds(start, end)`, to resolve exposed-comm stamps.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+        node_rank: int,
+        local_rank: int,
+        distributed: bool,
+        seconds: Any,
+    ) -> None:
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.node_rank, self.local_rank = node_rank, local_rank
+        self.distributed = distributed
+        self._seconds = seconds
+        self._ids: list[tuple[int, int]] | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._loss_sum, self._correct, self._count = zero.clone(), zero.clone(), zero.clone()
+        self.samples = 0  # global samples of the interval's optimizer steps
+        self.steps = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._start = time.perf_counter()
+        self.paused_s = 0.0  # validation and checkpoints inside the interval: not step time
+
+    def add_micro_step(self, loss_sum: torch.Tensor, correct: torch.Tensor, count: torch.Tensor):
+        self._loss_sum += loss_sum
+        self._correct += correct
+        self._count += count
+
+    def add_step(self, global_count: int) -> None:
+        self.samples += global_count
+        self.steps += 1
+
+    def _gather(self, values: list[float], on_device: list[torch.Tensor]) -> torch.Tensor:
+        """Every rank's vector, as a [world, K] float64 tensor (one collective)."""
+        local = torch.cat(
+            [
+                torch.stack(on_device).to(torch.float64),
+                torch.tensor(values, dtype=torch.float64, device=self.device),
+            ]
+        )
+        if not self.distributed:
+            return local[None].cpu()
+        out = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(out, local)
+        return torch.stack(out).cpu()
+
+    def collect(
+        self,
+        *,
+        steps_comm: list[comm.StepComm],
+        pairs: list[comm.ExposedPair],
+        per_rank_extra: dict[str, float],
+        gpu: dict[str, float],
+        comm_enabled: bool,
+        flops_per_sample: float | None = None,
+        peak_tflops: float | None = None,
+    ) -> dict[str, float]:
+        """All-gather the interval's figures and return the metrics (every rank), then reset."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall = time.perf_counter() - self._start
+        extra_s = sum(self._seconds(*p.compute) for p in pairs if p.extra)
+        measured_steps_s = sum(self._seconds(*p.step) for p in pairs)
+        exposed = [
+            comm.exposed_comm_s(self._seconds(*p.sync), self._seconds(*p.compute)) for p in pairs
+        ]
+        per_rank = {
+            "comm_s": mean([s.allreduce_s for s in steps_comm]),
+            "comm_bytes": mean([s.bytes for s in steps_comm]),
+            "buckets": mean([s.buckets for s in steps_comm]),
+            "exposed_s": mean(exposed),
+            # Share of the measured steps' own time, so a slow step is not set against the mean.
+            "exposed_fraction": sum(exposed) / measured_steps_s if exposed else math.nan,
+            "step_s": (wall - extra_s - self.paused_s) / max(1, self.steps),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
+            **per_rank_extra,
+        }
+        keys = sorted(per_rank) + [f"gpu.{k}" for k in GPU_KEYS]
+        values = [per_rank[k] for k in sorted(per_rank)] + [gpu.get(k, math.nan) for k in GPU_KEYS]
+        table = self._gather(values, [self._loss_sum, self._correct, self._count])
+        loss_sum, correct, count = table[:, 0].sum(), table[:, 1].sum(), table[:, 2].sum()
+        cols = {k: table[:, 3 + i] for i, k in enumerate(keys)}
+        step_s = float(cols["step_s"].max())  # the slowest rank sets the pace
+        samples_per_s = self.samples / max(1e-12, step_s * self.steps)
+        metrics = {
+            "train/loss": float(loss_sum) / max(1, self.samples),
+            "train/accuracy": float(correct) / max(1.0, float(count)),
+            "perf/step_time_s": step_s,
+            "perf/samples_per_s": samples_per_s,
+            "mem/peak_rss_bytes_max": float(cols["peak_rss"].max()),
+        }
+        if flops_per_sample:
+            metrics["perf/tflops"] = flops_per_sample * samples_per_s / 1e12
+            if peak_tflops:
+                metrics["perf/mfu"] = metrics["perf/tflops"] / (peak_tflops * self.world_size)
+        if comm_enabled:
+            metrics.update(comm_metrics(cols, self.world_size))
+        for key in ("peak_allocated_bytes", "peak_reserved_bytes", "grad_scale", "skipped"):
+            if key in cols and not cols[key].isnan().all():
+                reduce = cols[key].min() if key == "grad_scale" else cols[key].max()
+                name = {"grad_scale": "amp/grad_scale", "skipped": "amp/skipped_steps"}
+                metrics[name.get(key, f"mem/{key}_max")] = float(reduce)
+        metrics.update(self._per_worker(cols))
+        self.reset()
+        return {k: v for k, v in metrics.items() if not math.isnan(v)}
+
+    def _per_worker(self, cols: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Telemetry named for the worker it comes from: node and local rank in the key."""
+        out: dict[str, float] = {}
+        for rank, (node, local) in enumerate(self._worker_ids()):
+            where = f"node{node}/rank{local}"
+            out[f"mem/{where}/peak_rss_bytes"] = float(cols["peak_rss"][rank])
+            if "peak_allocated_bytes" in cols:
+                out[f"mem/{where}/peak_allocated_bytes"] = float(cols["peak_allocated_bytes"][rank])
+            for key in GPU_KEYS:
+                out[f"system/{where}/{key}"] = float(cols[f"gpu.{key}"][rank])
+        return out
+
+    def _worker_ids(self) -> list[tuple[int, int]]:
+        if self._ids is None:
+            mine = torch.tensor([self.node_rank, self.local_rank], device=self.device)
+            if self.distributed:
+                out = [torch.empty_like(mine) for _ in range(self.world_size)]
+                dist.all_gather(out, mine)
+            else:
+                out = [mine]
+            self._ids = [tuple(int(v) for v in t.tolist()) for t in out]
+        return self._ids

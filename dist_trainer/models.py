@@ -49,6 +49,8 @@ class MLP(nn.Module):
         hidden_sizes: Width of each hidden layer, input side first; empty for a linear model.
         dropout: Dropout probability after each hidden activation.
         activation: Hidden activation: ``"relu"``, ``"gelu"``, ``"silu"`` or ``"tanh"``.
+        output_activation: ``None`` (logits, for the default losses) or ``"sigmoid"``
+            (probabilities, e.g. with ``loss._target_=torch.nn.BCELoss``).
     """
 
     def __init__(
@@ -58,9 +60,14 @@ class MLP(nn.Module):
         hidden_sizes: Sequence[int] = (64, 64),
         dropout: float = 0.0,
         activation: str = "relu",
+        output_activation: str | None = None,
     ) -> None:
         super().__init__()
         _check_positive(in_features=in_features, num_classes=num_classes)
+        if output_activation not in (None, "sigmoid"):
+            raise ValueError(
+                f"output_activation must be null or sigmoid, got {output_activation!r}"
+            )
         for i, width in enumerate(hidden_sizes):
             _check_positive(**{f"hidden_sizes[{i}]": width})
         _check_dropout(dropout)
@@ -76,11 +83,13 @@ class MLP(nn.Module):
                 layers.append(nn.Dropout(dropout))
             width_in = width
         layers.append(nn.Linear(width_in, num_classes))
+        if output_activation == "sigmoid":
+            layers.append(nn.Sigmoid())
         self.net = nn.Sequential(*layers)
         self.num_classes = num_classes
 
     def forward(self, x: Tensor) -> Tensor:
-        """Map ``[B, ...]`` inputs to logits ``[B, num_classes]`` (``[B]`` if one class)."""
+        """Map ``[B, ...]`` inputs to ``[B, num_classes]`` outputs (``[B]`` if one class)."""
         out = self.net(x)
         return out.squeeze(-1) if self.num_classes == 1 else out
 

@@ -14,7 +14,7 @@ import torch
 from ray.train.torch import get_device
 
 from dist_trainer.batching import BatchPlan
-from dist_trainer.config import resolve_config
+from dist_trainer.config import ConfigError, resolve_config
 from dist_trainer.loop import WorkerInfo, run_training
 
 __all__ = ["RayCheckpointSink", "train_fn"]
@@ -58,11 +58,17 @@ def train_fn(config: dict[str, Any]) -> None:
         node_rank=context.get_node_rank(),
         device=get_device(),
     )
-    run_training(
-        resolve_config(config["job"]),
-        BatchPlan(**config["plan"]),
-        info,
-        tracking_uri=config["tracking_uri"],
-        run_id=config["run_id"],
-        sink=RayCheckpointSink(),
-    )
+    try:
+        run_training(
+            resolve_config(config["job"]),
+            BatchPlan(**config["plan"]),
+            info,
+            tracking_uri=config["tracking_uri"],
+            run_id=config["run_id"],
+            sink=RayCheckpointSink(),
+        )
+    except ConfigError as exc:
+        # The user's mistake, found where only a worker sees it (e.g. a model that cannot run
+        # on meta tensors): raised without the loop's frames, so Ray prints a short traceback,
+        # and the driver turns it into one line (driver._config_error_in).
+        raise ConfigError(str(exc)).with_traceback(None) from None

@@ -72,7 +72,7 @@ def test_unknown_group_option_lists_the_choices():
         ("trainer.max_micro_batch_size=huge", "trainer.max_micro_batch_size"),
         ("trainer.max_epochs=0", "trainer.max_epochs"),
         ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
-        ("trainer.dtype=float16", "trainer.dtype"),
+        ("trainer.precision=float16", "trainer.precision"),
         ("scaling.num_workers=0", "scaling.num_workers"),
         ("scaling.use_gpu=maybe", "scaling.use_gpu"),
         ("scaling.placement_strategy=RANDOM", "scaling.placement_strategy"),
