@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dist_trainer import data
 from dist_trainer.models import MLP
-from dist_trainer.tasks import TASKS, loss_sums
+from dist_trainer.tasks import TASKS, Loss, OutputShapeError, loss_sums
 
 
 def _manual_bce_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -149,3 +149,60 @@ def test_sgd_on_breast_cancer_reduces_training_loss():
         losses.append(loss_sum.item() / len(x))
     assert losses[-1] < 0.5 * losses[0]
     assert correct.item() / count.item() > 0.9
+
+
+def test_float64_outputs_keep_a_float64_loss():
+    """64 precision: the loss and its sums stay float64 (no float32 rounding to hide behind)."""
+    outputs = torch.randn(5, 3, dtype=torch.float64)
+    targets = torch.randint(0, 3, (5,))
+    loss, _, _ = loss_sums("multiclass", outputs, targets)
+    assert loss.dtype == torch.float64
+    ref = F.cross_entropy(outputs, targets, reduction="sum")
+    assert abs(loss.item() - ref.item()) < 1e-14
+
+
+def test_user_criterion_gets_per_element_losses_and_our_reduction():
+    torch.manual_seed(0)
+    outputs, targets = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    criterion = torch.nn.CrossEntropyLoss(reduction="none", label_smoothing=0.1)
+    loss, correct, count = loss_sums("multiclass", outputs, targets, Loss(criterion, "ce"))
+    ref = F.cross_entropy(outputs, targets, reduction="sum", label_smoothing=0.1)
+    torch.testing.assert_close(loss, ref)
+    assert count.item() == 6 and correct.item() == int((outputs.argmax(1) == targets).sum())
+
+
+def test_user_criterion_on_lm_is_a_per_sample_token_mean():
+    torch.manual_seed(0)
+    outputs, targets = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))
+    criterion = torch.nn.CrossEntropyLoss(reduction="none", label_smoothing=0.2)
+    loss, _, _ = loss_sums("lm", outputs, targets, Loss(criterion, "ce"))
+    per_sample = [
+        F.cross_entropy(outputs[i], targets[i], label_smoothing=0.2, reduction="mean")
+        for i in range(2)
+    ]
+    torch.testing.assert_close(loss, torch.stack(per_sample).sum())
+
+
+def test_probabilities_threshold_at_one_half():
+    probabilities = torch.tensor([0.2, 0.4, 0.6, 0.9])
+    targets = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    loss, correct, _ = loss_sums(
+        "binary", probabilities, targets, Loss(torch.nn.BCELoss(reduction="none"), "bce", True)
+    )
+    assert correct.item() == 2  # 0.2 -> 0 right, 0.4 -> 0 wrong, 0.6 -> 1 right, 0.9 -> 1 wrong
+    torch.testing.assert_close(
+        loss, F.binary_cross_entropy(probabilities, targets, reduction="sum")
+    )
+    # As logits every output is > 0: all predicted positive, so 2 of 4 right by another route.
+    _, as_logits, _ = loss_sums("binary", torch.tensor([-1.0, -0.5, 0.5, 2.0]), targets)
+    assert as_logits.item() == 2
+
+
+def test_a_reducing_criterion_is_refused():
+    with pytest.raises(OutputShapeError, match=r"loss\._target_=mean_ce returned \(\), not one"):
+        loss_sums(
+            "multiclass",
+            torch.randn(4, 3),
+            torch.randint(0, 3, (4,)),
+            Loss(lambda o, t: F.cross_entropy(o, t), "mean_ce"),
+        )

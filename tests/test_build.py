@@ -1,0 +1,196 @@
+"""Building the user's model, data and loss from config, and the checks that run before launch."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from dist_trainer.batching import plan_batches
+from dist_trainer.build import build_data, build_loss, build_model, resolve_call
+from dist_trainer.config import ConfigError, load_config, open_target_overrides
+from dist_trainer.loop import Trainer, WorkerInfo
+from dist_trainer.models import MLP
+from dist_trainer.preflight import flops_per_sample, preflight
+from dist_trainer.tasks import Loss
+from tests.conftest import job_config
+
+USER = ["model._target_=tests.user_code.TinyNet", "data._target_=tests.user_code.make_data"]
+CPU = WorkerInfo(0, 1, 0, 0, torch.device("cpu"))
+
+
+def test_readme_recipe_leaves_out_the_replaced_groups_keys():
+    job = job_config(*USER)
+    checks = preflight(job, plan_batches(64, 2))
+    assert checks.notes == [
+        "data._target_=tests.user_code.make_data: left out data.val_fraction, data.standardize, "
+        "data.num_features (defaults of the built-in data group it replaces; set them on the "
+        "command line to pass them)",
+        "model._target_=tests.user_code.TinyNet: left out model.hidden_sizes, model.dropout, "
+        "model.activation, model.output_activation (defaults of the built-in model group it "
+        "replaces; set them on the command line to pass them)",
+    ]
+    model = build_model(job, build_data(job))
+    assert type(model).__name__ == "TinyNet"
+
+
+def test_own_defaults_win_over_the_replaced_groups_defaults():
+    """WideNet takes num_classes and in_features from the data and keeps its own width."""
+    job = job_config(
+        "model._target_=tests.user_code.WideNet", "data._target_=tests.user_code.make_data"
+    )
+    model = build_model(job, build_data(job))
+    assert model.body[0].out_features == 4  # its default, not a built-in's hidden_sizes
+    job = job_config(
+        "model._target_=tests.user_code.WideNet",
+        "data._target_=tests.user_code.make_data",
+        "model.width=7",  # no `+` needed: a new key under model/data/loss is an argument
+    )
+    assert build_model(job, build_data(job)).body[0].out_features == 7
+
+
+def test_built_in_presets_keep_every_key():
+    job = job_config("model=cnn", "data=digits")
+    call = resolve_call("model", job.model, {"in_channels": 1, "image_size": 8, "num_classes": 10})
+    assert call.dropped == [] and call.kwargs["channels"] == [16, 32]
+
+
+def test_a_required_argument_nobody_gives_names_the_key():
+    job = job_config("model._target_=torch.nn.Linear", "data._target_=tests.user_code.make_data")
+    with pytest.raises(
+        ConfigError,
+        match=r"torch\.nn\.Linear needs argument 'out_features'.*"
+        r"Fix: model\.out_features=<value>",
+    ):
+        build_model(job, build_data(job))
+
+
+def test_open_target_overrides_adds_plus_only_for_new_keys():
+    out = open_target_overrides(
+        [
+            "model=cnn",
+            "model.channels=[4]",
+            "model.width=3",
+            "loss._target_=torch.nn.BCELoss",
+            "loss.label_smoothing=0.1",
+            "data.loader.num_workers=2",
+            "trainer.max_steps=3",
+        ]
+    )
+    assert out == [
+        "model=cnn",
+        "model.channels=[4]",
+        "+model.width=3",
+        "loss._target_=torch.nn.BCELoss",
+        "+loss.label_smoothing=0.1",
+        "+data.loader.num_workers=2",
+        "trainer.max_steps=3",
+    ]
+    cfg = load_config(["loss._target_=torch.nn.CrossEntropyLoss", "loss.label_smoothing=0.1"])
+    assert cfg.loss.label_smoothing == 0.1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.loader.workers=2"], r"data\.loader\.workers is not a loader setting"),
+        (["data.loader.num_workers=-1"], r"data\.loader\.num_workers"),
+        (["loss.label_smoothing=0.1"], r"loss\.label_smoothing is set but loss\._target_ is not"),
+        (["loss.outputs=maybe"], r"loss\.outputs must be auto, logits or probabilities"),
+        (["loss._target_=no.such.loss"], r"loss\._target_='no\.such\.loss' cannot be imported"),
+    ],
+)
+def test_loss_and_loader_keys_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_loss(job_config(*overrides))
+
+
+def test_build_loss_forms():
+    assert build_loss(job_config()) == Loss()  # the task's default
+    bce = build_loss(job_config("loss._target_=torch.nn.BCELoss"))
+    assert bce.probabilities and bce.fn.reduction == "none"
+    function = build_loss(job_config("loss._target_=tests.user_code.focal_loss", "loss.gamma=0.5"))
+    assert not function.probabilities and function.fn.keywords == {"gamma": 0.5}
+    functional = build_loss(
+        job_config("loss._target_=torch.nn.functional.cross_entropy", "loss.label_smoothing=0.1")
+    )
+    assert functional.fn.keywords == {"label_smoothing": 0.1, "reduction": "none"}
+
+
+def test_sigmoid_outputs_under_a_logits_loss_warn_once(caplog):
+    job = job_config("model.output_activation=sigmoid", "trainer.max_steps=3")
+    trainer = Trainer(job, plan_batches(64, 1), CPU)
+    with caplog.at_level(logging.WARNING, logger="dist_trainer.loop"):
+        trainer.fit()
+    warnings = [r for r in caplog.records if "lies in [0, 1]" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "loss._target_=torch.nn.BCELoss" in warnings[0].getMessage()
+    caplog.clear()
+    fixed = Trainer(
+        job_config("experiment=seed_tutorial", "trainer.max_steps=3"), plan_batches(32, 1), CPU
+    )
+    with caplog.at_level(logging.WARNING, logger="dist_trainer.loop"):
+        fixed.fit()
+    assert not [r for r in caplog.records if "lies in [0, 1]" in r.getMessage()]
+
+
+def test_flops_per_sample_match_the_matmul_count():
+    """FlopCounterMode on the meta model against the count by hand: 2 FLOPs per weight in the
+    forward pass, 4 in the backward (input and weight gradients) except the first layer,
+    whose input needs no gradient (2)."""
+    job = job_config("model.hidden_sizes=[64,32]")
+    bundle = build_data(job)
+    weights = [30 * 64, 64 * 32, 32 * 1]
+    expected = 2 * sum(weights) + 4 * sum(weights) - 2 * weights[0]
+    assert flops_per_sample(job, bundle, Loss(), torch.float32, 16) == expected
+    model = MLP(30, 1, (64, 32))
+    assert sum(p.numel() for n, p in model.named_parameters() if "weight" in n) == sum(weights)
+
+
+def test_perf_tflops_is_the_flop_rate():
+    job = job_config("trainer.max_steps=12", "trainer.log_every_n_steps=6")
+    trainer = Trainer(job, plan_batches(64, 1), CPU)
+    metrics = trainer.fit()
+    rate = trainer.flops_per_sample * metrics["perf/samples_per_s"] / 1e12
+    assert metrics["perf/tflops"] == pytest.approx(rate)
+    assert "perf/mfu" not in metrics  # no known peak for a CPU
+    job = job_config("trainer.max_steps=12", "trainer.peak_tflops_per_device=0.5")
+    metrics = Trainer(job, plan_batches(64, 1), CPU).fit()
+    assert metrics["perf/mfu"] == pytest.approx(metrics["perf/tflops"] / 0.5)
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed", "64"])
+def test_every_precision_trains_the_digits_preset(precision):
+    """bf16 and fp16 autocast run on CPU too; the digits CNN reaches its usual accuracy."""
+    job = job_config(
+        "experiment=digits_cnn", f"trainer.precision={precision}", "trainer.max_epochs=6"
+    )
+    trainer = Trainer(job, plan_batches(128, 1), CPU)
+    metrics = trainer.fit()
+    assert next(trainer.model.parameters()).dtype == trainer.dtype
+    assert metrics["val/accuracy"] > 0.93, metrics["val/accuracy"]
+    if precision == "16-mixed":
+        assert metrics["amp/grad_scale"] > 0 and metrics["amp/skipped_steps"] >= 0
+    else:
+        assert "amp/grad_scale" not in metrics
+
+
+def test_bf16_autocast_really_computes_in_bf16():
+    job = job_config("trainer.precision=bf16-mixed", "trainer.max_steps=1")
+    trainer = Trainer(job, plan_batches(64, 1), CPU)
+    x, _ = next(iter(trainer.train_feed.steps(trainer.sampler, 0))).micro_batches[0]
+    with trainer.autocast:
+        assert trainer.model(x).dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager():
+    """torch.compile (inductor, CPU here) gives the eager loss curve to float32 noise."""
+    overrides = ["trainer.max_steps=6", "trainer.log_every_n_steps=3"]
+    eager = Trainer(job_config(*overrides), plan_batches(64, 1), CPU).fit()
+    compiled = Trainer(
+        job_config(*overrides, "trainer.compile=true"), plan_batches(64, 1), CPU
+    ).fit()
+    assert compiled["train/loss"] == pytest.approx(eager["train/loss"], rel=1e-4)
+    assert compiled["val/loss"] == pytest.approx(eager["val/loss"], rel=1e-4)
