@@ -7,7 +7,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-fast ui format lint bench bench-comm clean
+.PHONY: help setup run test test-fast test-gpu ui format lint bench bench-gpu bench-comm clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ test: setup ## the whole test suite (what CI runs)
 test-fast: setup ## only the tests that need no Ray cluster
 	$(VENV)/bin/pytest -m "not ray and not slow"
 
+test-gpu: setup ## the GPU tests (skipped without CUDA): NCCL loop, precisions, compile, NVML, Ray on GPU
+	$(VENV)/bin/pytest -m gpu
+
 ui: setup ## MLflow UI on http://127.0.0.1:5000 over mlflow.db
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
@@ -41,6 +44,9 @@ lint: setup ## ruff check and format check
 
 bench: setup ## launch time and throughput: dist-trainer vs plain PyTorch DDP
 	$(PY) scripts/bench_launch.py
+
+bench-gpu: setup ## one GPU: plain DDP vs dist-trainer (fp32/bf16, batch 256/8192), DataLoader workers
+	$(PY) scripts/bench_gpu.py $(ARGS)
 
 bench-comm: setup ## all-reduce sweep on the training worker set-up
 	$(VENV)/bin/dist-trainer bench-comm $(ARGS)

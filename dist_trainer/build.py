@@ -227,10 +227,8 @@ def build_loss(job: JobConfig) -> Loss:
     target = import_target(path, key="loss._target_")
     is_class = inspect.isclass(target)
     call = resolve_call("loss", node, {"reduction": "none"}, skip_inputs=0 if is_class else 2)
-    if is_class:
-        fn = _call(call)
-    else:
-        fn = functools.partial(target, **call.kwargs)
+    # A class is built once (its arguments go to __init__); a function gets them at each call.
+    fn = _call(call) if is_class else functools.partial(target, **call.kwargs)
     if not callable(fn):
         raise ConfigError(f"loss._target_={path} built a {type(fn).__name__}, not a callable")
     probabilities = outputs == "probabilities" or (

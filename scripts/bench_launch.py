@@ -11,7 +11,8 @@ Variants, each started as a fresh subprocess:
                step times are the MLflow timestamps of train/loss (taken on rank 0 right after
                the step whose numbers are logged). The headline.
     dt_log1    the same with trainer.log_every_n_steps=1 (one small all-gather per step).
-    dt_off     dt plus comm.enabled=false telemetry.enabled=false (measurement off).
+    dt_off     dt plus comm.enabled=false telemetry.enabled=false tracking.system_metrics=false
+               (measurement off: no comm hook, no NVML sampling, no MLflow host metrics).
 
 For each: launch -> end of the first optimizer step (from subprocess start, imports included),
 steady samples/s after a warm-up (skip max(20, 10% of steps) steps; rate = steps between the
@@ -65,13 +66,14 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 GLOBAL_BATCH = 256
 WORLD = 2
-_OFF = ["comm.enabled=false", "telemetry.enabled=false"]
-_HC2 = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}  # Ray's default (dist_trainer sets 0.2)
+# Measurement off: the comm hook, NVML telemetry and MLflow's host metrics (system/...).
+_OFF = ["comm.enabled=false", "telemetry.enabled=false", "tracking.system_metrics=false"]
+_HC2 = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}  # Ray's default (dist_trainer sets 1.0)
 # name: (description, extra Hydra overrides, extra environment) for the dist-trainer variants.
 DT_VARIANTS: dict[str, tuple[str, list[str], dict[str, str]]] = {
     "dt": ("dist-trainer (log every 10)", [], {}),
     "dt_log1": ("dist-trainer (log every 1)", ["trainer.log_every_n_steps=1"], {}),
-    "dt_off": ("dist-trainer, comm+telemetry off", _OFF, {}),
+    "dt_off": ("dist-trainer, measurement off", _OFF, {}),
     # Not run by default: for checking a change in the Ray environment.
     "dt_hc2": ("dist-trainer, health check 2 s", [], _HC2),
     "dt_off_hc2": ("dist-trainer, off, health check 2 s", _OFF, _HC2),

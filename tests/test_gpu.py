@@ -2,6 +2,14 @@
 
     pytest -m gpu            # on a machine with a CUDA GPU; elsewhere every test is skipped
 
+A GPU box with CUDA torch but not this project's dependencies takes the missing ones as wheels
+first, without their dependencies so torch stays the box's own: hydra-core, omegaconf and
+antlr4-python3-runtime 4.9.* (numpy, psutil, rich, nvidia-ml-py and pillow are common in CUDA
+images); mlflow and ray only for the Ray test, which skips without them.
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:$PWD python3 -m pytest -m gpu -p no:cacheprovider
+
 The benchmark MLP (784-1024-1024-10, `experiment=bench_mlp`) under NCCL in a world of one. The
 telemetry check runs a few seconds of real GPU work: NVML's utilization counter is the share of
 its last sample period (1/6 s to 1 s) a kernel ran, so a run of ~70 ms reads 0. Tracking is off
@@ -91,7 +99,11 @@ def cuda_world_of_one():
     dist.destroy_process_group()
 
 
-def _train_losses(info: WorkerInfo, tmp_path: Path, *extra: str) -> list[float]:
+def _train_losses(
+    info: WorkerInfo, tmp_path: Path, *extra: str, output_dtype: torch.dtype | None = None
+) -> list[float]:
+    """40 steps of the benchmark MLP; every train/loss. `output_dtype`: what the model's
+    forward must return (autocast really on, or really off)."""
     job = job_config(
         *BENCH,
         "trainer.max_steps=40",
@@ -102,7 +114,12 @@ def _train_losses(info: WorkerInfo, tmp_path: Path, *extra: str) -> list[float]:
     plan = plan_batches(job.trainer.global_batch_size, 1, job.trainer.micro_batch_cap)
     recorder = _Recorder()
     trainer = Trainer(job, plan, info, logger=recorder, sink=LocalCheckpointSink(None))
+    dtypes: set[torch.dtype] = set()
+    if output_dtype is not None:
+        trainer.model.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
     trainer.fit()
+    if output_dtype is not None:
+        assert dtypes == {output_dtype}
     logged = [m for _, m in recorder.history if "train/loss" in m]
     assert [m["comm/bytes"] for m in logged[1:]] == [4 * BENCH_PARAMS] * (len(logged) - 1)
     del trainer
@@ -115,9 +132,15 @@ def _assert_learns(losses: list[float]) -> None:
     assert sum(losses[-5:]) < sum(losses[:5]), losses  # falls, noise of single steps aside
 
 
-@pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
-def test_precision_trains_on_gpu(cuda_world_of_one, tmp_path, precision):
-    _assert_learns(_train_losses(cuda_world_of_one, tmp_path, f"trainer.precision={precision}"))
+@pytest.mark.parametrize(
+    ("precision", "output_dtype"),
+    [("32", torch.float32), ("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)],
+)
+def test_precision_trains_on_gpu(cuda_world_of_one, tmp_path, precision, output_dtype):
+    losses = _train_losses(
+        cuda_world_of_one, tmp_path, f"trainer.precision={precision}", output_dtype=output_dtype
+    )
+    _assert_learns(losses)
 
 
 def test_compiled_model_trains_on_gpu(cuda_world_of_one, tmp_path):

@@ -105,25 +105,24 @@ def test_ctrl_c_ends_killed(tmp_path):
         "trainer.log_every_n_steps=10",
     ]
     cmd = [sys.executable, "-m", "dist_trainer.torchrun", *_overrides(tmp_path, *extra)]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as err:  # a file, not a pipe: the child never blocks on a full pipe
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
     try:
-        lines = []
         # The loop logs the plan once the Trainer is built; training starts right after.
-        for line in proc.stderr:
-            lines.append(line)
-            if "dist_trainer.loop" in line and "steps" in line:
-                break
-        else:
-            pytest.fail("the job ended before training started:\n" + "".join(lines[-30:]))
-        time.sleep(1.0)  # well inside fit()
+        deadline = time.monotonic() + 120
+        while "dist_trainer.loop" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("training never started:\n" + log.read_text()[-3000:])
+            time.sleep(0.1)
+        time.sleep(1.5)  # well inside fit(), past the first logged step
         proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=60)[1]
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    rest = log.read_text()
     assert proc.returncode == 130, rest[-3000:]
     assert rest.strip().splitlines()[-1] == "dist-trainer: interrupted"
     client, run = _only_run(tmp_path)
