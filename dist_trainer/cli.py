@@ -1,7 +1,9 @@
 """`dist-trainer <verb>`: the command line.
 
-    dist-trainer train [hydra overrides]        one job (add -m for a sweep, --cfg job to print it)
+    dist-trainer train [hydra overrides]        one job (--cfg job prints its config)
+    dist-trainer train -m key=a,b,c ...         a study: parent run, one child per job
     dist-trainer bench-comm [hydra overrides]   all-reduce sweep on the training worker set-up
+    dist-trainer report --experiment NAME       plots and findings of a study, from MLflow
 
 Each verb is a Hydra app over conf/, so overrides, `-m` sweeps and `--cfg job` work the same
 everywhere. `train(cfg)` itself lives in dist_trainer.driver; this module only parses and
@@ -27,8 +29,10 @@ CONF_DIR = str(_CONF_PATH)
 _USAGE = """usage: dist-trainer <verb> [hydra overrides]
 
 verbs:
-  train        run a training job (Ray Train DDP workers, one MLflow run)
+  train        run a training job (Ray Train DDP workers, one MLflow run); with -m, a study:
+               one parent run, a child run per job, jobs sharing one worker group
   bench-comm   measure all-reduce time and bandwidth over message sizes
+  report       plots and findings of a study, read back from MLflow (report --help)
 
 examples:
   dist-trainer train
@@ -70,6 +74,22 @@ def _bench_comm_app(cfg: DictConfig) -> None:
 
 
 _VERBS = {"train": _train_app, "bench-comm": _bench_comm_app}
+_MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def _is_study(args: list[str]) -> bool:
+    """`train -m` is a study, unless another Hydra sweeper or launcher is asked for (then Hydra
+    runs the jobs one by one, each its own launch)."""
+    custom = any(a.startswith(("hydra/sweeper=", "hydra/launcher=")) for a in args)
+    return any(a in _MULTIRUN_FLAGS for a in args) and not custom
+
+
+def _study(overrides: list[str]) -> int:
+    from dist_trainer.study import run_study
+
+    with _config_errors_as_exit():
+        result = run_study(overrides)
+    return 1 if result.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,10 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         print(_USAGE)
         return 0
     verb, rest = args[0], args[1:]
+    if verb == "report":
+        from dist_trainer.study_report import main as report_main
+
+        return report_main(rest)
     if verb not in _VERBS:
         print(f"dist-trainer: unknown verb {verb!r}\n\n{_USAGE}", file=sys.stderr)
         return 2
     register_configs()
+    if verb == "train" and _is_study(rest):
+        return _study([a for a in rest if a not in _MULTIRUN_FLAGS])
     with _config_errors_as_exit():
         rest = open_target_overrides(rest)
     sys.argv = [f"dist-trainer {verb}", *rest]  # Hydra reads sys.argv

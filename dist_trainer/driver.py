@@ -31,7 +31,20 @@ from dist_trainer.batching import BatchPlan, BatchPlanError, plan_batches
 from dist_trainer.config import ConfigError, JobConfig, flatten, resolve_config
 from dist_trainer.progress import ProgressReporter
 
-__all__ = ["JobResult", "Prepared", "RAY_ENV_DEFAULTS", "launch", "prepare", "train"]
+__all__ = [
+    "Cluster",
+    "JobResult",
+    "Prepared",
+    "RAY_ENV_DEFAULTS",
+    "check_user_code",
+    "create_job_run",
+    "job_payload",
+    "launch",
+    "prepare",
+    "run_group",
+    "start_cluster",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -241,28 +254,22 @@ def _run_name(prepared: Prepared) -> str:
     return f"{model}-{data}-gb{job.trainer.global_batch_size}-w{job.scaling.num_workers}"
 
 
-def launch(
-    prepared: Prepared,
-    worker_fn: Callable[[dict[str, Any]], None],
-    worker_config: dict[str, Any],
-    run_name: str,
-    params: dict[str, Any],
-    artifacts: dict[str, str] | None = None,
-    tags: dict[str, str] | None = None,
-    show_progress: bool = False,
-) -> tuple[str, Any, bool]:
-    """Start Ray, create the job's one MLflow run, run `worker_fn` on the workers, close the run.
+@dataclass
+class Cluster:
+    """Ray joined or started, resources checked, the MLflow experiment ready."""
 
-    `worker_fn` receives `worker_config` plus `run_id` and `tracking_uri`. Returns the run id,
-    Ray Train's result and whether workers used GPUs. The run ends FINISHED, FAILED (with the
-    error as a tag) or KILLED, whatever happens.
-    """
+    use_gpu: bool
+    experiment_id: str
+
+
+def start_cluster(prepared: Prepared) -> Cluster:
+    """Start or join Ray (in a thread, while Ray Train imports and the store opens), check
+    that the cluster can place the workers, and return what launching needs."""
     job, uri = prepared.job, prepared.tracking_uri
     ray_ready = _start_ray_in_background(job.scaling)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-trainer-mlflow")
     store_ready: Future = pool.submit(tracking.prepare_store, uri, job.tracking.experiment)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    import ray.train.torch  # noqa: F401 - imported while Ray starts
 
     try:
         ray_ready.result()
@@ -270,22 +277,30 @@ def launch(
         experiment_id = store_ready.result()
     finally:
         pool.shutdown(wait=True)
-    run_id = tracking.start_job_run(
-        uri,
-        experiment_id,
-        run_name,
-        {**params, "scaling.resolved_use_gpu": use_gpu},
-        {**_tags(prepared), **(tags or {})},
-        artifacts,
-    )
-    print(
-        f"[dist-trainer] MLflow run {run_id} in experiment '{job.tracking.experiment}'", flush=True
-    )
+    return Cluster(use_gpu, experiment_id)
+
+
+def run_group(
+    job: JobConfig,
+    worker_fn: Callable[[dict[str, Any]], None],
+    worker_config: dict[str, Any],
+    name: str,
+    tracking_uri: str,
+    use_gpu: bool,
+) -> Any:
+    """One Ray Train `fit()`: one worker group for `job.scaling` running `worker_fn`.
+
+    `worker_fn` receives `worker_config` plus `tracking_uri`. Raises ConfigError when a worker
+    found the user's mistake (one line), else Ray Train's own error.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     storage = Path(job.scaling.storage_path).resolve()
     storage.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         worker_fn,
-        train_loop_config={**worker_config, "run_id": run_id, "tracking_uri": uri},
+        train_loop_config={**worker_config, "tracking_uri": tracking_uri},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=job.scaling.num_workers,
@@ -297,31 +312,72 @@ def launch(
             placement_strategy=job.scaling.placement_strategy,
         ),
         run_config=RunConfig(
-            name=f"dist_trainer-{run_id}",
+            name=name,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=job.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    reporter = ProgressReporter(uri, run_id, enabled=show_progress)
-    reporter.start()
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        user_error = _config_error_in(exc)
+        if user_error is not None:
+            raise user_error from exc
+        raise
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def launch(
+    prepared: Prepared,
+    worker_fn: Callable[[dict[str, Any]], None],
+    worker_config: dict[str, Any],
+    run_name: str,
+    params: dict[str, Any],
+    artifacts: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None,
+) -> tuple[str, Any, bool]:
+    """Start Ray, create one MLflow run, run `worker_fn` on the workers, close the run.
+
+    For verbs with one run (bench-comm): `worker_fn` receives `worker_config` plus `run_id`
+    and `tracking_uri`. Returns the run id, Ray Train's result and whether workers used GPUs.
+    The run ends FINISHED, FAILED (with the error as a tag) or KILLED, whatever happens.
+    """
+    job, uri = prepared.job, prepared.tracking_uri
+    cluster = start_cluster(prepared)
+    run_id = tracking.start_job_run(
+        uri,
+        cluster.experiment_id,
+        run_name,
+        {**params, "scaling.resolved_use_gpu": cluster.use_gpu},
+        {**_tags(prepared), **(tags or {})},
+        artifacts,
+    )
     status, error = "FAILED", None
     try:
-        result = trainer.fit()
+        result = run_group(
+            job,
+            worker_fn,
+            {**worker_config, "run_id": run_id},
+            f"dist_trainer-{run_id}",
+            uri,
+            cluster.use_gpu,
+        )
         status = "FINISHED"
     except KeyboardInterrupt:
         status, error = "KILLED", "interrupted by the user"
         raise
     except Exception as exc:
-        user_error = _config_error_in(exc)
-        error = str(user_error) if user_error else f"{type(exc).__name__}: {exc}"
-        if user_error is not None:
-            raise user_error from None
+        error = _error_text(exc)
         raise
     finally:
-        reporter.stop()
         tracking.finish_job_run(uri, run_id, status, error)
-    return run_id, result, use_gpu
+    return run_id, result, cluster.use_gpu
 
 
 def _config_error_in(exc: BaseException) -> ConfigError | None:
@@ -345,46 +401,106 @@ def _config_error_in(exc: BaseException) -> ConfigError | None:
     return None
 
 
+def job_payload(prepared: Prepared, run_id: str) -> dict[str, Any]:
+    """What a worker needs to run one job: its resolved config, its plan and its run."""
+    plan = prepared.plan
+    return {
+        "job": prepared.config,
+        "plan": {
+            "global_batch_size": plan.global_batch_size,
+            "world_size": plan.world_size,
+            "micro_batch_size": plan.micro_batch_size,
+            "accumulation_steps": plan.accumulation_steps,
+        },
+        "run_id": run_id,
+    }
+
+
+def create_job_run(
+    prepared: Prepared,
+    cluster: Cluster,
+    run_name: str,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """The job's one MLflow run: the whole resolved config and the plan as params."""
+    plan = prepared.plan
+    plan_text = "\n".join([plan.describe(), *(f"{k}: {v}" for k, v in plan.as_params().items())])
+    from dist_trainer.build import scaled_lr
+
+    params = {
+        **flatten(prepared.config),
+        **plan.as_params(),
+        "optim.peak_lr": scaled_lr(prepared.job.optim, plan.global_batch_size),
+        "scaling.resolved_use_gpu": cluster.use_gpu,
+    }
+    return tracking.start_job_run(
+        prepared.tracking_uri,
+        cluster.experiment_id,
+        run_name,
+        params,
+        {**_tags(prepared), "dist_trainer.role": "job", **(tags or {})},
+        {
+            "config.yaml": OmegaConf.to_yaml(OmegaConf.create(prepared.config)),
+            "batch_plan.txt": plan_text + "\n",
+        },
+    )
+
+
+def check_user_code(prepared: Prepared) -> None:
+    """The user's model, data and loss, checked before Ray starts (trainer.preflight)."""
+    if prepared.job.trainer.preflight:
+        from dist_trainer.preflight import preflight  # imports torch: only when it runs
+
+        for note in preflight(prepared.job, prepared.plan).notes:
+            print(f"[dist-trainer] {note}", flush=True)
+
+
 def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
     """Run one training job end to end and return its result (raises ConfigError on bad input)."""
     t_start = time.perf_counter()
     prepared = prepare(cfg)
     job, plan, uri = prepared.job, prepared.plan, prepared.tracking_uri
     print(f"[dist-trainer] {plan.describe()}", flush=True)
-    if job.trainer.preflight:  # the user's model, data and loss, checked before Ray starts
-        from dist_trainer.preflight import preflight  # imports torch: only when it runs
-
-        for note in preflight(job, plan).notes:
-            print(f"[dist-trainer] {note}", flush=True)
+    check_user_code(prepared)
     from dist_trainer.workers import train_fn
 
-    plan_text = "\n".join([plan.describe(), *(f"{k}: {v}" for k, v in plan.as_params().items())])
-    run_id, result, use_gpu = launch(
-        prepared,
-        train_fn,
-        {
-            "job": prepared.config,
-            "plan": {
-                "global_batch_size": plan.global_batch_size,
-                "world_size": plan.world_size,
-                "micro_batch_size": plan.micro_batch_size,
-                "accumulation_steps": plan.accumulation_steps,
-            },
-        },
-        _run_name(prepared),
-        {**flatten(prepared.config), **plan.as_params()},
-        artifacts={
-            "config.yaml": OmegaConf.to_yaml(OmegaConf.create(prepared.config)),
-            "batch_plan.txt": plan_text + "\n",
-        },
-        show_progress=show_progress,
+    cluster = start_cluster(prepared)
+    run_id = create_job_run(prepared, cluster, _run_name(prepared))
+    print(
+        f"[dist-trainer] MLflow run {run_id} in experiment '{job.tracking.experiment}'", flush=True
     )
+    reporter = ProgressReporter(uri, run_id, enabled=show_progress)
+    reporter.start()
+    status, error = "FAILED", None
+    try:
+        result = run_group(
+            job,
+            train_fn,
+            {"jobs": [job_payload(prepared, run_id)]},
+            f"dist_trainer-{run_id}",
+            uri,
+            cluster.use_gpu,
+        )
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status, error = "KILLED", "interrupted by the user"
+        raise
+    except Exception as exc:
+        error = _error_text(exc)
+        raise
+    finally:
+        reporter.stop()
+        tracking.finish_job_run(uri, run_id, status, error)
     metrics = tracking.latest_metrics(uri, run_id)
     elapsed = time.perf_counter() - t_start
-    summary = report.comm_summary(uri, run_id, plan.world_size, "nccl" if use_gpu else "gloo")
+    summary = report.comm_summary(
+        uri, run_id, plan.world_size, "nccl" if cluster.use_gpu else "gloo"
+    )
     if summary is not None:
         tracking.log_text(uri, run_id, summary.to_markdown(), "comm_summary.md")
-    ProgressReporter(uri, run_id).summary(metrics, elapsed, summary)
+    ProgressReporter(uri, run_id).summary(
+        metrics, elapsed, summary, tracking.ui_url(uri, cluster.experiment_id, run_id)
+    )
     checkpoint = result.checkpoint.path if result.checkpoint else None
     return JobResult(
         run_id, job.tracking.experiment, uri, metrics, plan, checkpoint, {"total_s": elapsed}

@@ -284,6 +284,7 @@ class Trainer:
             peak_tflops=self.peak_tflops,
         )
         metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["perf/elapsed_s"] = time.perf_counter() - self._fit_started
         metrics["train/epoch"] = self.epoch + self.step_in_epoch / self.sampler.steps_per_epoch
         self.logger.log_metrics(metrics, step=self.step)
         return metrics
@@ -363,6 +364,8 @@ class Trainer:
         elif self.job.telemetry.enabled and self.info.rank == 0:
             log.info("GPU telemetry is off: workers run on %s", self.device.type)
         self._last_checkpoint = self.step
+        # Training wall time (this attempt), so runs compare by time to a validation loss.
+        self._fit_started = time.perf_counter()
         last: dict[str, float] = {}
         self.interval.reset()
         try:
@@ -394,6 +397,7 @@ class Trainer:
             started = time.perf_counter()
             val = self.evaluate()
             self.interval.paused_s += time.perf_counter() - started
+            val["val/elapsed_s"] = time.perf_counter() - self._fit_started
             self.logger.log_metrics(val, step=self.step)
             out.update(val)
         if epoch_done:
@@ -413,6 +417,8 @@ class Trainer:
             "data.in_memory": self.train_feed.in_memory,
             "model.parameters": sum(p.numel() for p in self.model.parameters()),
             "loss.name": self.loss.name,
+            # Which process trained it: jobs of a study share their worker group's processes.
+            "worker.rank0_pid": os.getpid(),
         }
         if self.flops_per_sample:
             params["model.flops_per_sample"] = int(self.flops_per_sample)

@@ -30,13 +30,24 @@ class ProgressReporter:
 
     Args:
         uri: tracking URI of the run.
-        run_id: the MLflow run to follow.
+        run_id: the MLflow run to follow, or the runs of a study's jobs, followed in order
+            (the first that has not ended is the one training).
         enabled: False shows nothing while training (the summary still prints).
         poll_s: seconds between reads of the run.
+        labels: what to call each run on the bar (a study's job names).
     """
 
-    def __init__(self, uri: str, run_id: str, enabled: bool = True, poll_s: float = 1.0) -> None:
-        self.uri, self.run_id, self.enabled, self.poll_s = uri, run_id, enabled, poll_s
+    def __init__(
+        self,
+        uri: str,
+        run_id: str | list[str],
+        enabled: bool = True,
+        poll_s: float = 1.0,
+        labels: list[str] | None = None,
+    ) -> None:
+        self.run_ids = [run_id] if isinstance(run_id, str) else list(run_id)
+        self.labels = labels or ["train"] * len(self.run_ids)
+        self.uri, self.run_id, self.enabled, self.poll_s = uri, self.run_ids[0], enabled, poll_s
         self.console = Console()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
@@ -50,8 +61,19 @@ class ProgressReporter:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
-    def _read(self, client: Any) -> tuple[int, int, dict[str, float]] | None:
-        run = client.get_run(self.run_id)
+    def _current(self, client: Any) -> tuple[Any, str] | None:
+        """The run training now and its label: the first of the runs that has not ended."""
+        for run_id, label in zip(self.run_ids, self.labels, strict=True):
+            run = client.get_run(run_id)
+            if run.info.status == "RUNNING" or run_id == self.run_ids[-1]:
+                return run, label
+        return None
+
+    def _read(self, client: Any) -> tuple[int, int, dict[str, float], str] | None:
+        current = self._current(client)
+        if current is None:
+            return None
+        run, label = current
         total = int(run.data.params.get("plan.total_steps", 0))
         per_epoch = int(run.data.params.get("plan.steps_per_epoch", 0))
         metrics = run.data.metrics
@@ -59,7 +81,7 @@ class ProgressReporter:
             return None
         # train/epoch is epoch + fraction done, so it gives the optimizer step without a sync.
         step = min(total, round(metrics["train/epoch"] * per_epoch))
-        return step, total, metrics
+        return step, total, metrics, label
 
     def _run(self) -> None:
         from mlflow.tracking import MlflowClient
@@ -90,21 +112,24 @@ class ProgressReporter:
                     continue
                 if read is None:
                     continue
-                step, total, metrics = read
+                step, total, metrics, label = read
                 loss = f"{metrics.get('train/loss', float('nan')):.4f}"
                 sps = f"{metrics.get('perf/samples_per_s', 0.0):,.0f}"
                 if live:
                     progress.update(
-                        task, description="train", total=total, completed=step, loss=loss, sps=sps
+                        task, description=label, total=total, completed=step, loss=loss, sps=sps
                     )
                 elif time.monotonic() - last_print > 5 or step == total:
                     last_print = time.monotonic()
+                    where = "" if len(self.run_ids) == 1 else f"{label}: "
                     print(
-                        f"[dist-trainer] step {step}/{total}  loss {loss}  {sps} samples/s",
+                        f"[dist-trainer] {where}step {step}/{total}  loss {loss}  {sps} samples/s",
                         flush=True,
                     )
 
-    def summary(self, metrics: dict[str, float], elapsed_s: float, comm: Any = None) -> None:
+    def summary(
+        self, metrics: dict[str, float], elapsed_s: float, comm: Any = None, url: str | None = None
+    ) -> None:
         """The end-of-job tables (metrics; communication, if measured) and how to open the UI."""
         table = Table(title=f"run {self.run_id}", show_header=True)
         table.add_column("metric")
@@ -123,6 +148,8 @@ class ProgressReporter:
             f"Open the UI with `make ui` (mlflow ui --backend-store-uri {self.uri}) and compare "
             "runs side by side in the experiment's table."
         )
+        if url:
+            self.console.print(f"This run: {url}", soft_wrap=True)
 
 
 class _Nothing:

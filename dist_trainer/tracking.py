@@ -34,8 +34,11 @@ __all__ = [
     "redact_params",
     "start_job_run",
     "prepare_store",
+    "ui_url",
     "latest_metrics",
+    "log_table",
     "log_text",
+    "run_statuses",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,19 +112,36 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3's UI opens an experiment in its GenAI view (traces, tokens) unless this tag says it
+# holds model training; with it, the experiment opens on the training runs table.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def prepare_store(uri: str, experiment: str) -> str:
     """Open the store (a new sqlite file gets its schema here) and return the experiment id."""
     client = _client(uri)
     found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(experiment)
-    except Exception:  # another job of a sweep created it first
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            raise
-        return found.experiment_id
+    if found is None:
+        try:
+            experiment_id = client.create_experiment(experiment)
+        except Exception:  # another job of a sweep created it first
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                raise
+            experiment_id = found.experiment_id
+    else:
+        experiment_id = found.experiment_id
+    if found is None or found.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+    return experiment_id
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of a run (or experiment): the server itself, or `make ui`'s address."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    base = _URI_USERINFO.sub(r"\g<scheme>", base)  # never print credentials
+    page = f"{base}/#/experiments/{experiment_id}"
+    return f"{page}/runs/{run_id}" if run_id else page
 
 
 def latest_metrics(uri: str, run_id: str) -> dict[str, float]:
@@ -154,6 +174,20 @@ def start_job_run(
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
     """A text artifact from the driver (summaries, reports)."""
     _client(uri).log_text(run_id, text, artifact_file)
+
+
+def log_table(
+    uri: str, run_id: str, columns: list[str], rows: list[list[Any]], artifact_file: str
+) -> None:
+    """An MLflow table artifact (shown as a table in the UI's artifact view)."""
+    data = {c: [row[i] for row in rows] for i, c in enumerate(columns)}
+    _client(uri).log_table(run_id, data=data, artifact_file=artifact_file)
+
+
+def run_statuses(uri: str, run_ids: list[str]) -> dict[str, str]:
+    """Each run's status (RUNNING, FINISHED, FAILED, KILLED)."""
+    client = _client(uri)
+    return {run_id: client.get_run(run_id).info.status for run_id in run_ids}
 
 
 def finish_job_run(uri: str, run_id: str, status: str, error: str | None = None) -> None:

@@ -1,10 +1,20 @@
-"""What Ray Train runs in each worker: read the Ray context, hand the loop a checkpoint sink.
+"""What Ray Train runs in each worker: read the Ray context, run the group's jobs one by one.
 
 The only place where the worker side touches Ray; dist_trainer.loop stays Ray-free.
+
+One worker group (one `TorchTrainer.fit()`) runs every job of a study that needs the same
+workers, one after another: each job gets a fresh model, optimizer, seed, data order and its
+own MLflow run, and memory is released between jobs. Starting the group (processes, imports,
+process group) is the expensive part on a small machine; a job inside it costs its training.
+
+Checkpoints are namespaced by the job's run id, so a job never resumes from another job's
+state; after a worker-group restart (`scaling.max_failures`) the latest checkpoint says which
+job was running, the jobs before it are done, and that one resumes.
 """
 
 from __future__ import annotations
 
+import gc
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,6 +23,7 @@ import ray.train
 import torch
 from ray.train.torch import get_device
 
+from dist_trainer import tracking
 from dist_trainer.batching import BatchPlan
 from dist_trainer.config import ConfigError, resolve_config
 from dist_trainer.loop import WorkerInfo, run_training
@@ -24,12 +35,22 @@ _STATE_FILE = "state.pt"
 _REPORTED = ("step", "train/loss", "val/loss", "val/accuracy")
 
 
+def _checkpoint_job(checkpoint: ray.train.Checkpoint | None) -> str | None:
+    """The run id a checkpoint belongs to (its folder is `<run_id>-step_<N>`)."""
+    if checkpoint is None:
+        return None
+    return Path(checkpoint.path).name.split("-step_", 1)[0]
+
+
 class RayCheckpointSink:
-    """Checkpoints through `ray.train.report` (rank 0 writes; every rank reports)."""
+    """Checkpoints of one job through `ray.train.report` (rank 0 writes; every rank reports)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
 
     def latest(self) -> dict[str, Any] | None:
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        if _checkpoint_job(checkpoint) != self.run_id:  # none, or an earlier job's
             return None
         with checkpoint.as_directory() as folder:
             return torch.load(Path(folder) / _STATE_FILE, map_location="cpu", weights_only=False)
@@ -44,12 +65,12 @@ class RayCheckpointSink:
             ray.train.report(
                 {k: v for k, v in metrics.items() if k in _REPORTED},
                 checkpoint=checkpoint,
-                checkpoint_dir_name=f"step_{step:08d}",
+                checkpoint_dir_name=f"{self.run_id}-step_{step:08d}",
             )
 
 
 def train_fn(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker entry point; `config` comes from the driver."""
+    """Ray Train's per-worker entry point: `config["jobs"]` in order, from the driver."""
     context = ray.train.get_context()
     info = WorkerInfo(
         rank=context.get_world_rank(),
@@ -58,17 +79,29 @@ def train_fn(config: dict[str, Any]) -> None:
         node_rank=context.get_node_rank(),
         device=get_device(),
     )
-    try:
-        run_training(
-            resolve_config(config["job"]),
-            BatchPlan(**config["plan"]),
-            info,
-            tracking_uri=config["tracking_uri"],
-            run_id=config["run_id"],
-            sink=RayCheckpointSink(),
-        )
-    except ConfigError as exc:
-        # The user's mistake, found where only a worker sees it (e.g. a model that cannot run
-        # on meta tensors): raised without the loop's frames, so Ray prints a short traceback,
-        # and the driver turns it into one line (driver._config_error_in).
-        raise ConfigError(str(exc)).with_traceback(None) from None
+    jobs = config["jobs"]
+    uri = config["tracking_uri"]
+    resumed = _checkpoint_job(ray.train.get_checkpoint())
+    run_ids = [job["run_id"] for job in jobs]
+    start = run_ids.index(resumed) if resumed in run_ids else 0
+    for job in jobs[start:]:
+        try:
+            run_training(
+                resolve_config(job["job"]),
+                BatchPlan(**job["plan"]),
+                info,
+                tracking_uri=uri,
+                run_id=job["run_id"],
+                sink=RayCheckpointSink(job["run_id"]),
+            )
+        except ConfigError as exc:
+            # The user's mistake, found where only a worker sees it (e.g. a model that cannot
+            # run on meta tensors): raised without the loop's frames, so Ray prints a short
+            # traceback, and the driver turns it into one line (driver._config_error_in).
+            raise ConfigError(str(exc)).with_traceback(None) from None
+        if info.rank == 0:
+            # The driver learns from the store which jobs of the group are done.
+            tracking.finish_job_run(uri, job["run_id"], "FINISHED")
+        gc.collect()  # the next job starts from the memory this one had
+        if info.device.type == "cuda":
+            torch.cuda.empty_cache()

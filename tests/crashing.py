@@ -23,3 +23,18 @@ class CrashOnceMLP(MLP):
                 f.write("crashed once")
             raise RuntimeError("injected failure (tests.crashing)")
         return super().forward(x)
+
+
+class FailsAtMicroBatch(MLP):
+    """An MLP whose training forward raises on micro-batches of `micro_batch` samples: in a
+    study over global batch sizes, exactly one job fails, and only inside the workers (the
+    driver's meta-device check passes: meta tensors are let through)."""
+
+    def __init__(self, micro_batch: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.micro_batch = micro_batch
+
+    def forward(self, x):
+        if self.training and not x.is_meta and x.shape[0] == self.micro_batch:
+            raise RuntimeError(f"injected failure at micro-batch {self.micro_batch}")
+        return super().forward(x)

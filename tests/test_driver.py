@@ -191,8 +191,9 @@ def test_cli_train_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_multirun_gives_one_run_per_job_in_one_experiment(ray_cluster, tmp_path):
-    """A Hydra sweep over two global batch sizes, joining the running cluster by address."""
+def test_cli_multirun_is_one_study_in_one_worker_group(ray_cluster, tmp_path):
+    """`-m` over two global batch sizes: one parent run, two children linked to it and named
+    by the swept key, both trained by the same worker processes (one worker group)."""
     proc = subprocess.run(
         [
             CLI,
@@ -211,10 +212,60 @@ def test_cli_multirun_gives_one_run_per_job_in_one_experiment(ray_cluster, tmp_p
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = _runs(tmp_path)
-    assert len(runs) == 2
-    assert {r.info.experiment_id for r in runs} == {runs[0].info.experiment_id}
-    assert sorted(int(r.data.params["trainer.global_batch_size"]) for r in runs) == [32, 128]
+    assert len(runs) == 3
+    (parent,) = [r for r in runs if r.data.tags.get("dist_trainer.role") == "study"]
+    children = [r for r in runs if r is not parent]
+    assert {r.info.experiment_id for r in runs} == {parent.info.experiment_id}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert sorted(r.info.run_name for r in children) == [
+        "global_batch_size=128",
+        "global_batch_size=32",
+    ]
+    assert sorted(int(r.data.params["trainer.global_batch_size"]) for r in children) == [32, 128]
     assert all(r.info.status == "FINISHED" for r in runs)
+    # One worker group: the same rank-0 process trained both jobs.
+    assert len({r.data.params["worker.rank0_pid"] for r in children}) == 1
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"study_summary.md", "study_runs.json"} <= artifacts
+    summary = client.download_artifacts(parent.info.run_id, "study_summary.md", str(tmp_path))
+    text = Path(summary).read_text()
+    for child in children:
+        assert child.info.run_name in text and child.info.run_id in text
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_failing_job_fails_its_child_and_the_study_goes_on(ray_cluster, tmp_path):
+    from dist_trainer.study import run_study
+
+    result = run_study(
+        job_overrides(
+            tmp_path,
+            "trainer.global_batch_size=32,48,64",
+            "model._target_=tests.crashing.FailsAtMicroBatch",
+            "model.micro_batch=24",  # 48 over 2 workers: only the middle job fails
+            "trainer.max_epochs=1",
+        ),
+        show_progress=False,
+    )
+    statuses = {job.name: job.status for job in result.jobs}
+    assert statuses == {
+        "global_batch_size=32": "FINISHED",
+        "global_batch_size=48": "FAILED",
+        "global_batch_size=64": "FINISHED",
+    }
+    runs = {r.info.run_name: r for r in _runs(tmp_path)}
+    assert runs["global_batch_size=48"].info.status == "FAILED"
+    assert "injected failure at micro-batch 24" in runs["global_batch_size=48"].data.tags["error"]
+    assert runs["global_batch_size=64"].info.status == "FINISHED"
+    assert "val/loss" in runs["global_batch_size=64"].data.metrics
+    parent = runs[result.jobs[0].name].data.tags["mlflow.parentRunId"]
+    assert MlflowClient(result.tracking_uri).get_run(parent).data.tags["error"] == (
+        "1 of 3 jobs failed"
+    )
 
 
 @pytest.mark.parametrize(
