@@ -266,13 +266,19 @@ def build_optimizer(
 def build_scheduler(
     optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over `optim.warmup_steps`, then constant or cosine to 0 at the last step."""
+    """Linear warm-up from 0 over `optim.warmup_steps`, then constant or cosine to 0 at the end.
+
+    The optimizer step s (0-based) trains with lr x factor(s): s / warmup during the warm-up (so
+    the first step, s = 0, runs at 0, as in Goyal et al. and transformers' linear warm-up), the
+    peak lr from s = warmup on, and with `cosine` 0.5 (1 + cos(pi p)), p the share of the
+    post-warm-up steps taken, which reaches 0 after the last step.
+    """
     warmup = optim.warmup_steps
 
     def factor(step: int) -> float:
         # LambdaLR calls this with the number of steps taken; step s trains with factor(s).
         if step < warmup:
-            return (step + 1) / warmup
+            return step / warmup
         if optim.schedule == "cosine":
             progress = (step - warmup) / max(1, total_steps - warmup)
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

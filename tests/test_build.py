@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from dist_trainer.batching import plan_batches
-from dist_trainer.build import build_data, build_loss, build_model, resolve_call
-from dist_trainer.config import ConfigError, load_config, open_target_overrides
+from dist_trainer.build import (
+    build_data,
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    resolve_call,
+    scaled_lr,
+)
+from dist_trainer.config import ConfigError, OptimConfig, load_config, open_target_overrides
 from dist_trainer.loop import Trainer, WorkerInfo
 from dist_trainer.models import MLP
 from dist_trainer.preflight import flops_per_sample, preflight
@@ -194,3 +202,50 @@ def test_compile_trains_like_eager():
     ).fit()
     assert compiled["train/loss"] == pytest.approx(eager["train/loss"], rel=1e-4)
     assert compiled["val/loss"] == pytest.approx(eager["val/loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("scaling", "base_batch", "global_batch", "peak"),
+    [
+        ("none", None, 256, 0.1),
+        ("linear", 64, 256, 0.4),  # Goyal et al.: lr x global / base
+        ("linear", 256, 64, 0.025),
+        ("sqrt", 64, 256, 0.2),  # Hoffer et al.: lr x sqrt(global / base)
+        ("sqrt", 256, 64, 0.05),
+        ("linear", 64, 64, 0.1),
+    ],
+)
+def test_lr_scaling_table(scaling, base_batch, global_batch, peak):
+    optim = OptimConfig(
+        optimizer={"_target_": "torch.optim.SGD", "lr": 0.1},
+        lr_scaling=scaling,
+        base_batch_size=base_batch,
+    )
+    assert scaled_lr(optim, global_batch) == pytest.approx(peak)
+    optimizer = build_optimizer(optim, [torch.nn.Parameter(torch.zeros(1))], global_batch)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(peak)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        # warm-up from 0 over 4 steps, then the peak
+        ("constant", [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]),
+        # then cosine over the last 4 steps: 0.5 (1 + cos(pi k / 4)), k = 0..3
+        ("cosine", [0.0, 0.25, 0.5, 0.75, 1.0, 0.853553, 0.5, 0.146447]),
+    ],
+)
+def test_warm_up_starts_at_zero(schedule, expected):
+    optim = OptimConfig(
+        optimizer={"_target_": "torch.optim.SGD", "lr": 0.2}, warmup_steps=4, schedule=schedule
+    )
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = build_optimizer(optim, [param], 64)
+    scheduler = build_scheduler(optimizer, optim, total_steps=8)
+    seen = []
+    for _ in range(8):  # the lr each optimizer step trains with
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([0.2 * f for f in expected], abs=1e-6)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2 if schedule == "constant" else 0)

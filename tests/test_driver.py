@@ -107,6 +107,7 @@ def test_two_workers_one_run_with_params_metrics_artifacts(ray_cluster, tmp_path
         params["plan.accumulation_steps"],
     ) == ("2", "16", "2")
     assert params["model._target_"] == "dist_trainer.models.MLP"
+    assert float(params["optim.peak_lr"]) == 1e-3  # adamw preset, no lr scaling
     client = MlflowClient(result.tracking_uri)
     loss = client.get_metric_history(result.run_id, "train/loss")
     steps = [m.step for m in loss]
