@@ -13,6 +13,7 @@ reports errors the way a user should see them: one line naming the key and the f
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 
@@ -21,18 +22,21 @@ from omegaconf import DictConfig
 
 from dist_trainer.config import CONF_DIR as _CONF_PATH
 from dist_trainer.config import ConfigError, open_target_overrides, register_configs
+from dist_trainer.console import VERBOSE_ENV
 
 __all__ = ["main"]
 
 CONF_DIR = str(_CONF_PATH)
 
-_USAGE = """usage: dist-trainer <verb> [hydra overrides]
+_USAGE = """usage: dist-trainer <verb> [--verbose] [hydra overrides]
 
 verbs:
   train        run a training job (Ray Train DDP workers, one MLflow run); with -m, a study:
                one parent run, a child run per job, jobs sharing one worker group
   bench-comm   measure all-reduce time and bandwidth over message sizes
   report       plots and findings of a study, read back from MLflow (report --help)
+
+--verbose shows Ray's and MLflow's own lines too (otherwise in the log file it names).
 
 examples:
   dist-trainer train
@@ -97,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(_USAGE)
         return 0
-    verb, rest = args[0], args[1:]
+    verb, rest = args[0], [a for a in args[1:] if a not in ("-v", "--verbose")]
+    if len(rest) < len(args) - 1:  # Ray's and MLflow's own lines on the terminal too
+        os.environ[VERBOSE_ENV] = "1"
     if verb == "report":
         from dist_trainer.study_report import main as report_main
 

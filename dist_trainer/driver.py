@@ -26,7 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dist_trainer import report, tracking
+from dist_trainer import console, report, tracking
 from dist_trainer.batching import BatchPlan, BatchPlanError, plan_batches
 from dist_trainer.config import ConfigError, JobConfig, flatten, resolve_config
 from dist_trainer.progress import ProgressReporter
@@ -148,8 +148,9 @@ def _start_ray(scaling: Any) -> None:
         os.environ.setdefault(key, value)  # a local raylet and its workers inherit these
     if scaling.address and scaling.address != "auto":
         _check_reachable(scaling.address)
-    if ray.is_initialized():  # a Hydra multirun: every job shares one cluster
+    if ray.is_initialized():  # already started in this process (tests, notebooks)
         return
+    console.quiet_libraries()
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
     if scaling.address:
         import dist_trainer
@@ -161,6 +162,7 @@ def _start_ray(scaling: Any) -> None:
         }
     try:
         ray.init(address=scaling.address, **kwargs)
+        console.route_worker_output()
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
         raise ConfigError(
             f"scaling.address={scaling.address!r}: cannot join the Ray cluster ({exc}). Fix: "

@@ -15,6 +15,8 @@ job was running, the jobs before it are done, and that one resumes.
 from __future__ import annotations
 
 import gc
+import logging
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -69,9 +71,23 @@ class RayCheckpointSink:
             )
 
 
+def _log_like_the_driver(rank: int) -> None:
+    """dist_trainer's own log lines, marked so the driver's console can pick them out of the
+    workers' output (dist_trainer.console); Ray configures the root logger before us."""
+    logger = logging.getLogger("dist_trainer")
+    if not any(getattr(h, "dist_trainer", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.dist_trainer = True
+        handler.setFormatter(logging.Formatter("[dist-trainer] %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
 def train_fn(config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point: `config["jobs"]` in order, from the driver."""
     context = ray.train.get_context()
+    _log_like_the_driver(context.get_world_rank())
     info = WorkerInfo(
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),

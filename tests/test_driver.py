@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -181,6 +182,12 @@ def test_cli_train_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "left out model.hidden_sizes, model.dropout" in proc.stdout
+    # Ray's and MLflow's own lines are in the log file it names, not on the terminal.
+    terminal = proc.stdout + proc.stderr
+    for noise in ("TrainingReport", "Token authentication", "TrainController", "mlflow.system"):
+        assert noise not in terminal, noise
+    log_file = Path(re.search(r"own output: (\S+dist_trainer\.log)", proc.stdout).group(1))
+    assert "Reporting training result" in log_file.read_text()
     runs = _runs(tmp_path)
     assert len(runs) == 1
     run = runs[0]
@@ -236,6 +243,19 @@ def test_cli_multirun_is_one_study_in_one_worker_group(ray_cluster, tmp_path):
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" in proc.stdout
+    # The report verb on this real study: its findings, logged back to the parent.
+    from dist_trainer.study_report import main as report_main
+
+    out = tmp_path / "report"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert (
+        report_main(["--experiment", "dist_trainer", "--tracking-uri", uri, "--out", str(out)]) == 0
+    )
+    html = (out / "report.html").read_text()
+    assert "global_batch_size=128" in html and "the samples/s of batch 32" in html
+    assert "Fastest to val loss" in html
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/throughput.png"} <= logged
 
 
 @pytest.mark.slow
