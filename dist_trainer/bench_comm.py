@@ -19,12 +19,11 @@ from typing import Any
 import torch
 
 from dist_trainer import sweep as comm_sweep
-from dist_trainer.tracking import RunLogger
+from dist_trainer.tracking import BENCH_TAG, RunLogger
 
-__all__ = ["BENCH_TAG", "run_bench_comm", "sweep_and_log"]
+__all__ = ["run_bench_comm", "sweep_and_log"]
 
 # Tag that marks bench-comm runs, so training runs can find their reference curve.
-BENCH_TAG = "dist_trainer.kind"
 
 
 def sweep_and_log(

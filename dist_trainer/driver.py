@@ -440,7 +440,7 @@ def create_job_run(
         cluster.experiment_id,
         run_name,
         params,
-        {**_tags(prepared), "dist_trainer.role": "job", **(tags or {})},
+        {**_tags(prepared), tracking.ROLE_TAG: "job", **(tags or {})},
         {
             "config.yaml": OmegaConf.to_yaml(OmegaConf.create(prepared.config)),
             "batch_plan.txt": plan_text + "\n",

@@ -131,7 +131,12 @@ class ProgressReporter:
         self, metrics: dict[str, float], elapsed_s: float, comm: Any = None, url: str | None = None
     ) -> None:
         """The end-of-job tables (metrics; communication, if measured) and how to open the UI."""
-        table = Table(title=f"run {self.run_id}", show_header=True)
+        # The latest value of each metric: the last log interval's (perf/*, comm/*, train/*),
+        # the last validation's (val/*); the communication summary below is the whole run's.
+        table = Table(
+            title=f"run {self.run_id}: last logged values (the final log interval)",
+            show_header=True,
+        )
         table.add_column("metric")
         table.add_column("value", justify="right")
         for key in sorted(metrics):

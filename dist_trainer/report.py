@@ -83,7 +83,7 @@ class CommSummary:
                     "none yet: run `dist-trainer bench-comm` with the same scaling",
                 )
             )
-        lines = ["| communication | value |", "|---|---|"]
+        lines = ["| communication, whole run (median over log intervals) | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in rows]
         return "\n".join(lines) + "\n"
 
@@ -100,7 +100,7 @@ def reference_busbw(
     client: Any, world_size: int, backend: str, bucket_bytes: float
 ) -> tuple[float, str] | None:
     """Bus bandwidth of the latest matching bench-comm run at `bucket_bytes` (log-log interp.)."""
-    from dist_trainer.bench_comm import BENCH_TAG
+    from dist_trainer.tracking import BENCH_TAG
 
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(

@@ -158,7 +158,7 @@ def run_study(overrides: list[str], show_progress: bool = True) -> StudyResult:
         cluster.experiment_id,
         first.job.tracking.run_name or f"study {sweep_text}",
         {"study.sweep": sweep_text, "study.jobs": len(jobs)},
-        {**driver._tags(first), "dist_trainer.role": "study"},
+        {**driver._tags(first), tracking.ROLE_TAG: "study"},
     )
     print(
         f"[dist-trainer] study {parent}: {len(jobs)} jobs ({sweep_text}) in experiment "

@@ -35,11 +35,15 @@ from dist_trainer.study_figures import (
     table_rows,
     usable,
 )
-from dist_trainer.tracking import check_tracking_uri, normalize_tracking_uri, redact_params
+from dist_trainer.tracking import (
+    ROLE_TAG,
+    check_tracking_uri,
+    normalize_tracking_uri,
+    redact_params,
+)
 
 __all__ = ["ReportError", "RunFigures", "StudyReport", "build_report", "findings", "main"]
 
-ROLE_TAG = "dist_trainer.role"
 PARENT_TAG = "mlflow.parentRunId"
 
 

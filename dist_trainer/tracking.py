@@ -25,6 +25,8 @@ from typing import Any
 from dist_trainer.config import ConfigError
 
 __all__ = [
+    "BENCH_TAG",
+    "ROLE_TAG",
     "NullLogger",
     "RunLogger",
     "SystemMetrics",
@@ -111,6 +113,13 @@ def _client(uri: str):
 
     return MlflowClient(tracking_uri=uri)
 
+
+# Tags that say what a run is. Every module that writes or reads them takes them from here, so
+# no reader has to import the writer (report -> bench_comm -> driver was a circle).
+ROLE_TAG = "dist_trainer.role"
+"""`study` (a study's parent run) or `job` (a training job's run)."""
+BENCH_TAG = "dist_trainer.kind"
+"""`bench-comm` on an all-reduce sweep's run."""
 
 # MLflow 3's UI opens an experiment in its GenAI view (traces, tokens) unless this tag says it
 # holds model training; with it, the experiment opens on the training runs table.

@@ -9,8 +9,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dist_trainer import driver, report
-from dist_trainer.bench_comm import BENCH_TAG, run_bench_comm
+from dist_trainer.bench_comm import run_bench_comm
 from dist_trainer.config import load_config
+from dist_trainer.tracking import BENCH_TAG
 from tests.conftest import job_overrides
 
 pytestmark = pytest.mark.ray
