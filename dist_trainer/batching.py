@@ -13,11 +13,18 @@ DeepSpeed asserts this triad and leaves the user to find numbers that fit; Deter
 the remainder. Here the user states the global batch and a memory cap on the micro-batch; the plan
 solves the rest, or refuses with the nearest global batch sizes that do split well.
 
+The cap is an int, None (no cap: one micro-step), or "auto": then the plan made before the workers
+start is provisional (one micro-step, `auto=True`, micro-batch and accumulation not yet known);
+each worker finds the largest micro-batch that fits its device, the workers agree on the smallest
+and every Trainer re-solves the plan with it as the cap (dist_trainer.autobatch). The global batch
+stays exactly what was asked.
+
 Pure Python: no torch, no Ray, so it is cheap to import and table-tested.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -37,14 +44,22 @@ class BatchPlan:
         world_size: number of workers (ranks) taking part in data parallelism.
         micro_batch_size: samples per forward/backward on one worker.
         accumulation_steps: micro-steps per optimizer step on each worker.
+        auto: `trainer.max_micro_batch_size=auto`: the workers find the micro-batch.
+        auto_micro_batch_size: with auto, the micro-batch size every worker fits, agreed by the
+            workers, that this plan was solved with as the cap; None while the plan is still
+            provisional (before the workers have probed: one micro-step).
     """
 
     global_batch_size: int
     world_size: int
     micro_batch_size: int
     accumulation_steps: int
+    auto: bool = False
+    auto_micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.auto_micro_batch_size is not None and not self.auto:
+            raise BatchPlanError("auto_micro_batch_size is only set on an auto plan")
         product = self.micro_batch_size * self.accumulation_steps * self.world_size
         if product != self.global_batch_size:
             raise BatchPlanError(
@@ -57,22 +72,47 @@ class BatchPlan:
         """Samples one worker contributes to each optimizer step."""
         return self.micro_batch_size * self.accumulation_steps
 
+    @property
+    def provisional(self) -> bool:
+        """An auto plan whose micro-batch the workers have not found yet."""
+        return self.auto and self.auto_micro_batch_size is None
+
     def as_params(self) -> dict[str, int]:
-        """The plan as flat MLflow params (`plan.*`)."""
-        return {
+        """The plan as flat MLflow params (`plan.*`).
+
+        A provisional auto plan leaves out micro-batch and accumulation steps: the workers log
+        them once they have agreed (MLflow params cannot change once logged).
+        """
+        params = {
             "plan.global_batch_size": self.global_batch_size,
             "plan.world_size": self.world_size,
             "plan.micro_batch_size": self.micro_batch_size,
             "plan.accumulation_steps": self.accumulation_steps,
             "plan.per_worker_batch_size": self.per_worker_batch_size,
         }
+        if self.provisional:
+            del params["plan.micro_batch_size"], params["plan.accumulation_steps"]
+        elif self.auto:
+            params["plan.auto_micro_batch_size"] = self.auto_micro_batch_size  # type: ignore[assignment]
+        return params
 
     def describe(self) -> str:
         """One line a user reads at start: what a step really is."""
-        return (
+        if self.provisional:
+            return (
+                f"global batch {self.global_batch_size} = {self.per_worker_batch_size} per "
+                f"worker x {self.world_size} worker(s); micro-batch and accumulation steps: "
+                "each worker finds the largest micro-batch that fits, all use the smallest "
+                "(trainer.max_micro_batch_size=auto)"
+            )
+        line = (
             f"global batch {self.global_batch_size} = micro-batch {self.micro_batch_size} x "
             f"{self.accumulation_steps} accumulation step(s) x {self.world_size} worker(s)"
         )
+        if self.auto:
+            fits = self.auto_micro_batch_size
+            line += f" (max_micro_batch_size=auto: micro-batches of {fits} fit every worker)"
+        return line
 
 
 def _solve(global_batch_size: int, world_size: int, max_micro: int | None) -> BatchPlan | None:
@@ -111,7 +151,7 @@ def nearest_valid_global_batch_sizes(
 
 
 def plan_batches(
-    global_batch_size: int, world_size: int, max_micro_batch_size: int | None = None
+    global_batch_size: int, world_size: int, max_micro_batch_size: int | str | None = None
 ) -> BatchPlan:
     """Solve micro-batch x accumulation x world size == global batch, exactly.
 
@@ -119,7 +159,9 @@ def plan_batches(
         global_batch_size: samples per optimizer step, all workers (`trainer.global_batch_size`).
         world_size: number of workers (`scaling.num_workers`).
         max_micro_batch_size: the largest micro-batch one worker can hold
-            (`trainer.max_micro_batch_size`); None means no cap (one micro-step per step).
+            (`trainer.max_micro_batch_size`); None means no cap (one micro-step per step);
+            "auto" gives the provisional plan (one micro-step, `auto=True`) that each worker
+            re-solves with the micro-batch the workers agree on (dist_trainer.autobatch).
 
     Returns:
         The plan with the fewest accumulation steps whose micro-batch fits under the cap.
@@ -134,11 +176,16 @@ def plan_batches(
     ):
         if not isinstance(value, int) or value < 1:
             raise BatchPlanError(f"{key} must be a positive integer, got {value!r}")
+    if max_micro_batch_size == "auto":
+        provisional = plan_batches(global_batch_size, world_size, None)
+        return dataclasses.replace(provisional, auto=True)
     if max_micro_batch_size is not None and (
-        not isinstance(max_micro_batch_size, int) or max_micro_batch_size < 1
+        not isinstance(max_micro_batch_size, int)
+        or isinstance(max_micro_batch_size, bool)
+        or max_micro_batch_size < 1
     ):
         raise BatchPlanError(
-            "trainer.max_micro_batch_size must be a positive integer or 'auto', "
+            "trainer.max_micro_batch_size must be a positive integer, null (no cap) or auto, "
             f"got {max_micro_batch_size!r}"
         )
     plan = _solve(global_batch_size, world_size, max_micro_batch_size)

@@ -75,8 +75,18 @@ class TrainerConfig:
 
     global_batch_size: int = 64
     """Samples per optimizer step, summed over all workers. The plan splits it exactly."""
-    max_micro_batch_size: Any = "auto"
-    """Largest micro-batch one worker holds at once (int), or 'auto': no cap, one micro-step."""
+    max_micro_batch_size: Any = None
+    """Largest micro-batch one worker holds at once: an int (a cap), null (no cap: one
+    micro-step per optimizer step), or auto: each worker finds the largest micro-batch that
+    fits its device (an out-of-memory search on CUDA, `micro_batch_memory_mb` on CPU), the
+    workers agree on the smallest, and the plan re-solves the accumulation steps with it; the
+    global batch stays as asked (dist_trainer.autobatch)."""
+    micro_batch_memory_mb: float | None = None
+    """Memory one worker may use for a micro-step, MiB; required for
+    max_micro_batch_size=auto on CPU (parameters, gradients, the batch and the activations
+    saved for backward are counted); on GPU an optional cap below the device's memory (peak
+    allocated bytes of a probe step). Only used with auto (so a study can sweep
+    max_micro_batch_size over ints and auto with one budget)."""
     max_epochs: int = 2
     """Passes over the training split."""
     max_steps: int | None = None
@@ -118,9 +128,16 @@ class TrainerConfig:
         )
         m = self.max_micro_batch_size
         _require(
-            m == "auto" or (isinstance(m, int) and not isinstance(m, bool) and m > 0),
-            f"trainer.max_micro_batch_size must be a positive integer or 'auto', got {m!r}. "
-            "Fix: trainer.max_micro_batch_size=auto",
+            m is None or m == "auto" or (isinstance(m, int) and not isinstance(m, bool) and m > 0),
+            f"trainer.max_micro_batch_size must be a positive integer, null (no cap) or auto "
+            f"(find what fits), got {m!r}. Fix: trainer.max_micro_batch_size=null",
+        )
+        budget = self.micro_batch_memory_mb
+        _require(
+            budget is None
+            or (isinstance(budget, int | float) and not isinstance(budget, bool) and budget > 0),
+            f"trainer.micro_batch_memory_mb must be a positive number of MiB or null, got "
+            f"{budget!r}. Fix: trainer.micro_batch_memory_mb=2048",
         )
         _require(self.max_epochs > 0, f"trainer.max_epochs must be > 0, got {self.max_epochs}")
         _require(
@@ -155,9 +172,17 @@ class TrainerConfig:
         )
 
     @property
-    def micro_batch_cap(self) -> int | None:
-        """The cap as the batch plan takes it (None for 'auto')."""
-        return None if self.max_micro_batch_size == "auto" else int(self.max_micro_batch_size)
+    def auto_micro_batch(self) -> bool:
+        """True when each worker finds its micro-batch (`max_micro_batch_size=auto`)."""
+        return self.max_micro_batch_size == "auto"
+
+    @property
+    def micro_batch_cap(self) -> int | str | None:
+        """The cap as `batching.plan_batches` takes it: an int, None (no cap) or "auto" (a
+        provisional plan that each Trainer re-solves with the micro-batch the workers agree on,
+        dist_trainer.autobatch)."""
+        m = self.max_micro_batch_size
+        return m if m is None or m == "auto" else int(m)
 
 
 @dataclass

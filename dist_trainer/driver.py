@@ -253,7 +253,8 @@ def _run_name(prepared: Prepared) -> str:
         return job.tracking.run_name
     model = str(job.model["_target_"]).rsplit(".", 1)[-1]
     data = str(job.data["_target_"]).rsplit(".", 1)[-1]
-    return f"{model}-{data}-gb{job.trainer.global_batch_size}-w{job.scaling.num_workers}"
+    # What differs between runs first: the UI cuts names at ~18 characters.
+    return f"batch={job.trainer.global_batch_size} workers={job.scaling.num_workers} {model} {data}"
 
 
 @dataclass
@@ -450,6 +451,17 @@ def create_job_run(
 
 def check_user_code(prepared: Prepared) -> None:
     """The user's model, data and loss, checked before Ray starts (trainer.preflight)."""
+    job = prepared.job
+    if job.trainer.auto_micro_batch:
+        import torch
+
+        from dist_trainer.autobatch import check_auto_config
+
+        # Workers on CPU need a memory budget to search with: say so before Ray starts when
+        # they will surely be CPU workers (the Ray path checks again in the workers).
+        local_cpu = job.scaling.address is None and not torch.cuda.is_available()
+        if job.scaling.use_gpu is False or local_cpu:
+            check_auto_config(job.trainer, "cpu")
     if prepared.job.trainer.preflight:
         from dist_trainer.preflight import preflight  # imports torch: only when it runs
 

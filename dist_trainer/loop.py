@@ -15,6 +15,11 @@ what one process would compute on it (also for a short last batch, where global_
 smaller). With DDP's built-in hook, which averages over ranks, the scale is world/global_count.
 Logged numbers are all-gathered over ranks every `trainer.log_every_n_steps` steps (one small
 collective); nothing syncs per step.
+
+With `trainer.max_micro_batch_size=auto` the plan handed in is provisional: before wrapping the
+model in DDP, each rank probes the largest micro-batch that fits, the ranks agree on the smallest
+(one all-reduce) and the Trainer re-solves the plan with it (dist_trainer.autobatch); `self.plan`
+is the plan it trains with.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_trainer import comm, perf, telemetry
+from dist_trainer import autobatch, comm, perf, telemetry
 from dist_trainer.batching import BatchPlan
 from dist_trainer.build import (
     build_data,
@@ -85,7 +90,11 @@ class WorkerInfo:
 
 
 class Trainer:
-    """One worker's share of a training job. `fit()` runs it; tests drive `train_step()`."""
+    """One worker's share of a training job. `fit()` runs it; tests drive `train_step()`.
+
+    With `trainer.max_micro_batch_size=auto`, `plan` is re-solved with the micro-batch the
+    workers agree on (`self.plan`, `self.auto_batch`); every rank must construct its Trainer.
+    """
 
     def __init__(
         self,
@@ -118,6 +127,16 @@ class Trainer:
         self.val_feed = BatchFeed(self.data.val, self.device, self.dtype, job.loader)
         self.model = build_model(job, self.data).to(device=self.device, dtype=self.dtype)
         self.distributed = dist.is_available() and dist.is_initialized()
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=precision.autocast_dtype)
+            if precision.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        self._first_outputs_checked = False
+        self.auto_batch: autobatch.AutoMicroBatch | None = None
+        if job.trainer.auto_micro_batch:  # on the bare model, before DDP exists
+            self.auto_batch = self._find_micro_batch(plan)
+            self.plan = plan = self.auto_batch.plan
         # divide=False: the hook sums and the loss scale carries the 1/world_size.
         self.meter = comm.CommMeter(enabled=job.comm.enabled and self.distributed, divide=False)
         self.ddp: torch.nn.Module = self.model
@@ -134,11 +153,6 @@ class Trainer:
         # Compile the DDP module, not the bare model: DDP's graph optimizer then splits the
         # graph at bucket boundaries so the all-reduce still overlaps the backward pass.
         self.forward = torch.compile(self.ddp) if job.trainer.compile else self.ddp
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=precision.autocast_dtype)
-            if precision.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
         # float16 needs loss scaling against underflow; bfloat16 has float32's exponent range.
         self.scaler = (
             torch.amp.GradScaler(self.device.type) if precision is Precision.FP16_MIXED else None
@@ -182,7 +196,43 @@ class Trainer:
             if job.telemetry.enabled and self.device.type == "cuda"
             else None
         )
-        self._first_outputs_checked = False
+
+    # ---------------------------------------------------------------- auto micro-batch
+    def _find_micro_batch(self, plan: BatchPlan) -> autobatch.AutoMicroBatch:
+        """Probe, agree, re-solve (dist_trainer.autobatch); rank 0 logs the outcome."""
+        autobatch.check_auto_config(self.job.trainer, self.device)
+        probe = autobatch.MicroStepProbe(
+            self.model,
+            self._probe_batch,
+            self._probe_step,
+            self.device,
+            memory_mb=self.job.trainer.micro_batch_memory_mb,
+            reserve=autobatch.reserve_bytes(self.model, self.job.optim.optimizer, self.distributed),
+        )
+        found = autobatch.find_micro_batch(plan, probe, distributed=self.distributed)
+        if self.info.rank == 0:
+            log.info("%s", found.describe())
+        return found
+
+    def _probe_batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`size` training samples on the device (repeated if the split is smaller)."""
+        count = len(self.data.train)
+        if count < 1:
+            raise ValueError("the training split is empty")
+        batches = self.train_feed.batches(torch.arange(size) % count, size)
+        try:
+            return next(batches)
+        finally:
+            batches.close()
+
+    def _probe_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """A micro-step's forward and backward on the bare model: nothing is all-reduced."""
+        with self.autocast:
+            outputs = self.model(x)
+            if not self._first_outputs_checked:
+                self._check_first_outputs(outputs, y)
+            loss_sum, _, _ = loss_sums(self.data.task, outputs, y, self.loss)
+        loss_sum.backward()
 
     # ---------------------------------------------------------------- steps
     def _loss_scale(self, global_count: int) -> float:
@@ -424,6 +474,8 @@ class Trainer:
             params["model.flops_per_sample"] = int(self.flops_per_sample)
         if self.peak_tflops:
             params["perf.peak_tflops_per_device"] = self.peak_tflops
+        if self.auto_batch is not None:  # the driver logged a provisional plan without these
+            params.update(self.auto_batch.as_params())
         return params
 
     def log_final_weights(self) -> None:
@@ -456,8 +508,8 @@ def run_training(
     )
     try:
         trainer = Trainer(job, plan, info, logger=logger, sink=sink)
-        if info.rank == 0:
-            log.info("%s; %d steps", plan.describe(), trainer.total_steps)
+        if info.rank == 0:  # trainer.plan: re-solved when trainer.max_micro_batch_size=auto
+            log.info("%s; %d steps", trainer.plan.describe(), trainer.total_steps)
         metrics = trainer.fit()
         trainer.log_final_weights()
         # A DDP model still alive at interpreter exit can make gloo abort (pytorch#179291).

@@ -25,7 +25,7 @@ from typing import Any
 from dist_trainer import tracking
 from dist_trainer.config import ConfigError, load_config
 
-__all__ = ["StudyJob", "StudyResult", "expand_sweep", "run_study"]
+__all__ = ["StudyJob", "StudyResult", "expand_sweep", "run_study", "with_preset_sweep"]
 
 # What the summary table shows of each child (the report verb draws the full picture).
 _SUMMARY_METRICS = (
@@ -35,6 +35,26 @@ _SUMMARY_METRICS = (
     ("perf/samples_per_s", "samples/s"),
     ("perf/elapsed_s", "train time s"),
 )
+
+
+def with_preset_sweep(overrides: list[str]) -> list[str]:
+    """`overrides` plus the sweep a preset declares in `hydra.sweeper.params` (Hydra's way for
+    a config to carry its sweep, e.g. experiment=batch_size_study); the command line wins."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from dist_trainer.config import CONF_DIR, open_target_overrides, register_configs
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    fixed = open_target_overrides(fixed)  # composes too: not inside the block below
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=fixed, return_hydra_config=True)
+    declared = cfg.hydra.sweeper.get("params") or {}
+    given = {o.get_key_element() for o in parsed}
+    extra = [f"{key}={value}" for key, value in declared.items() if key not in given]
+    return [*overrides, *extra]
 
 
 def expand_sweep(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
@@ -49,16 +69,35 @@ def expand_sweep(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
     return [list(job) for job in batches[0]], swept
 
 
+# Short names for the keys studies sweep most: the MLflow UI cuts run names at ~18 characters,
+# so the part that differs must come early ("batch=64", not "global_batch_size=64").
+_SHORT_KEYS = {
+    "trainer.global_batch_size": "batch",
+    "trainer.max_micro_batch_size": "micro",
+    "scaling.num_workers": "workers",
+    "optim.optimizer.lr": "lr",
+    "optim.lr_scaling": "lr_scaling",
+    "trainer.precision": "precision",
+}
+
+
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """Each key's name in run names: an alias, its last part, or whole where that is ambiguous."""
+    names = {k: _SHORT_KEYS.get(k, k.rsplit(".", 1)[-1]) for k in keys}
+    if len(set(names.values())) < len(names):
+        return {k: k for k in keys}
+    return names
+
+
 def _job_name(overrides: list[str], swept: list[str]) -> str:
-    """The child's run name: the swept keys' values, short keys where they stay unambiguous."""
+    """The child's run name: the swept keys' values (`batch=64`, `batch=64,workers=4`)."""
+    names = _short_keys(swept)
     values = {}
     for override in overrides:
         key, _, value = override.partition("=")
         if key.lstrip("+~") in swept:
             values[key.lstrip("+~")] = value
-    leaves = [k.rsplit(".", 1)[-1] for k in values]
-    short = len(set(leaves)) == len(leaves)
-    return ",".join(f"{k.rsplit('.', 1)[-1] if short else k}={v}" for k, v in values.items())
+    return ",".join(f"{names[k]}={v}" for k, v in values.items())
 
 
 @dataclass
@@ -131,6 +170,7 @@ def run_study(overrides: list[str], show_progress: bool = True) -> StudyResult:
     from dist_trainer.workers import train_fn
 
     started = time.perf_counter()
+    overrides = with_preset_sweep(overrides)
     job_overrides, swept = expand_sweep(overrides)
     jobs = [StudyJob(_job_name(o, swept) or f"job{i}", o) for i, o in enumerate(job_overrides)]
     for job in jobs:  # every check that needs no Ray, for every job, before anything starts
@@ -153,10 +193,16 @@ def run_study(overrides: list[str], show_progress: bool = True) -> StudyResult:
             )
     cluster = driver.start_cluster(first)
     sweep_text = " ".join(o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept)
+    names = _short_keys(swept)
+    short_text = " ".join(
+        f"{names[o.split('=', 1)[0].lstrip('+~')]}={o.split('=', 1)[1]}"
+        for o in overrides
+        if o.split("=", 1)[0].lstrip("+~") in swept
+    )
     parent = tracking.start_job_run(
         uri,
         cluster.experiment_id,
-        first.job.tracking.run_name or f"study {sweep_text}",
+        first.job.tracking.run_name or f"study {short_text}",
         {"study.sweep": sweep_text, "study.jobs": len(jobs)},
         {**driver._tags(first), tracking.ROLE_TAG: "study"},
     )
@@ -195,16 +241,39 @@ def run_study(overrides: list[str], show_progress: bool = True) -> StudyResult:
                 job.metrics = tracking.latest_metrics(uri, job.run_id)
         columns, rows = _summary_rows(jobs)
         failures = [j for j in jobs if j.status != "FINISHED"]
-        tracking.log_text(
-            uri, parent, _summary_markdown(columns, rows, failures), "study_summary.md"
-        )
+        summary = _summary_markdown(columns, rows, failures)
+        tracking.log_text(uri, parent, summary, "study_summary.md")
         tracking.log_table(uri, parent, columns, rows, "study_runs.json")
+        findings = _report(uri, experiment, parent, jobs)
+        # The parent's description is the first thing its page shows: what the study found.
+        note = "".join(f"- {f}\n" for f in findings)
+        tracking.set_description(
+            uri, parent, (f"## Findings\n{note}\n" if note else "") + f"## Jobs\n{summary}"
+        )
         tracking.finish_job_run(
             uri, parent, status, f"{len(failures)} of {len(jobs)} jobs failed" if failures else None
         )
     result = StudyResult(parent, cluster.experiment_id, uri, jobs, time.perf_counter() - started)
     _print_summary(result, columns, rows)
     return result
+
+
+def _report(uri: str, experiment: str, parent: str, jobs: list[StudyJob]) -> list[str]:
+    """The report verb's plots and findings, logged to the parent; never fails the study."""
+    if sum(j.status == "FINISHED" for j in jobs) < 2:
+        return []
+    from dist_trainer.console import log_path
+    from dist_trainer.study_report import build_report
+
+    try:
+        report = build_report(uri, experiment, parent, out_dir=log_path().parent / "report")
+    except Exception as exc:  # noqa: BLE001 - the runs are logged; the report can be redone
+        print(f"[dist-trainer] no study report ({exc}); try dist-trainer report", flush=True)
+        return []
+    print(f"[dist-trainer] study report: {report.html_path}", flush=True)
+    for sentence in report.findings:
+        print(f"  - {sentence}", flush=True)
+    return report.findings
 
 
 def _run_group(members, cluster, uri, driver, train_fn, reporter_cls, show_progress) -> None:

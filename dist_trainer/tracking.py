@@ -41,6 +41,7 @@ __all__ = [
     "log_table",
     "log_text",
     "run_statuses",
+    "set_description",
 ]
 
 log = logging.getLogger(__name__)
@@ -149,8 +150,9 @@ def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """The MLflow UI page of a run (or experiment): the server itself, or `make ui`'s address."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     base = _URI_USERINFO.sub(r"\g<scheme>", base)  # never print credentials
-    page = f"{base}/#/experiments/{experiment_id}"
-    return f"{page}/runs/{run_id}" if run_id else page
+    # An experiment's own page opens on the GenAI overview in a fresh browser; /runs is the
+    # training runs table.
+    return f"{base}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
 
 
 def latest_metrics(uri: str, run_id: str) -> dict[str, float]:
@@ -183,6 +185,11 @@ def start_job_run(
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
     """A text artifact from the driver (summaries, reports)."""
     _client(uri).log_text(run_id, text, artifact_file)
+
+
+def set_description(uri: str, run_id: str, markdown: str) -> None:
+    """The run's description (markdown), shown at the top of its page in the UI."""
+    _client(uri).set_tag(run_id, "mlflow.note.content", markdown[:5000])
 
 
 def log_table(

@@ -1,5 +1,7 @@
 """The batch plan: exact splits, table-tested, and refusals that list what would work."""
 
+import dataclasses
+
 import pytest
 
 from dist_trainer.batching import (
@@ -98,3 +100,35 @@ def test_plan_params_and_description():
         plan.describe()
         == "global batch 256 = micro-batch 64 x 2 accumulation step(s) x 2 worker(s)"
     )
+
+
+def test_auto_plan_is_provisional_until_the_workers_agree():
+    """max_micro_batch_size=auto: one micro-step until the workers have found what fits."""
+    provisional = plan_batches(64, 2, "auto")
+    assert provisional.auto and provisional.provisional
+    assert (provisional.micro_batch_size, provisional.accumulation_steps) == (32, 1)
+    params = provisional.as_params()
+    assert "plan.micro_batch_size" not in params and "plan.accumulation_steps" not in params
+    assert params["plan.per_worker_batch_size"] == 32
+    assert "trainer.max_micro_batch_size=auto" in provisional.describe()
+    with pytest.raises(BatchPlanError, match="does not divide by 2 workers"):
+        plan_batches(255, 2, "auto")
+
+
+def test_auto_plan_after_agreement_says_what_fits():
+    solved = dataclasses.replace(plan_batches(64, 2, 8), auto=True, auto_micro_batch_size=8)
+    assert not solved.provisional
+    assert solved.as_params()["plan.auto_micro_batch_size"] == 8
+    assert solved.as_params()["plan.accumulation_steps"] == 4
+    assert solved.describe() == (
+        "global batch 64 = micro-batch 8 x 4 accumulation step(s) x 2 worker(s) "
+        "(max_micro_batch_size=auto: micro-batches of 8 fit every worker)"
+    )
+    with pytest.raises(BatchPlanError, match="only set on an auto plan"):
+        BatchPlan(64, 2, 8, 4, auto_micro_batch_size=8)
+
+
+@pytest.mark.parametrize("cap", [True, "16", 2.5])
+def test_a_cap_that_is_not_an_integer_is_refused(cap):
+    with pytest.raises(BatchPlanError, match="trainer.max_micro_batch_size must be"):
+        plan_batches(64, 2, cap)

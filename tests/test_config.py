@@ -26,7 +26,7 @@ def test_defaults_compose_to_the_contract_keys():
     job = resolve_config(load_config())
     assert isinstance(job, JobConfig)
     assert job.trainer.global_batch_size > 0 and job.scaling.num_workers == 2
-    assert job.scaling.use_gpu == "auto" and job.trainer.max_micro_batch_size == "auto"
+    assert job.scaling.use_gpu == "auto" and job.trainer.max_micro_batch_size is None  # no cap
     assert job.tracking.uri == "sqlite:///mlflow.db"
     flat = flatten(OmegaConf.to_container(load_config(), resolve=True))
     for key in (

@@ -226,8 +226,8 @@ def test_cli_multirun_is_one_study_in_one_worker_group(ray_cluster, tmp_path):
     assert {r.info.experiment_id for r in runs} == {parent.info.experiment_id}
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
     assert sorted(r.info.run_name for r in children) == [
-        "global_batch_size=128",
-        "global_batch_size=32",
+        "batch=128",
+        "batch=32",
     ]
     assert sorted(int(r.data.params["trainer.global_batch_size"]) for r in children) == [32, 128]
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -243,6 +243,10 @@ def test_cli_multirun_is_one_study_in_one_worker_group(ray_cluster, tmp_path):
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" in proc.stdout
+    # The study's page opens on its findings: the report ran when the study ended.
+    description = client.get_run(parent.info.run_id).data.tags["mlflow.note.content"]
+    assert description.startswith("## Findings\n- batch 128: ") and "## Jobs" in description
+    assert "study report: " in proc.stdout
     # The report verb on this real study: its findings, logged back to the parent.
     from dist_trainer.study_report import main as report_main
 
@@ -252,7 +256,7 @@ def test_cli_multirun_is_one_study_in_one_worker_group(ray_cluster, tmp_path):
         report_main(["--experiment", "dist_trainer", "--tracking-uri", uri, "--out", str(out)]) == 0
     )
     html = (out / "report.html").read_text()
-    assert "global_batch_size=128" in html and "the samples/s of batch 32" in html
+    assert "batch=128" in html and "the samples/s of batch 32" in html
     assert "Fastest to val loss" in html
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.html", "report/throughput.png"} <= logged
@@ -274,15 +278,15 @@ def test_a_failing_job_fails_its_child_and_the_study_goes_on(ray_cluster, tmp_pa
     )
     statuses = {job.name: job.status for job in result.jobs}
     assert statuses == {
-        "global_batch_size=32": "FINISHED",
-        "global_batch_size=48": "FAILED",
-        "global_batch_size=64": "FINISHED",
+        "batch=32": "FINISHED",
+        "batch=48": "FAILED",
+        "batch=64": "FINISHED",
     }
     runs = {r.info.run_name: r for r in _runs(tmp_path)}
-    assert runs["global_batch_size=48"].info.status == "FAILED"
-    assert "injected failure at micro-batch 24" in runs["global_batch_size=48"].data.tags["error"]
-    assert runs["global_batch_size=64"].info.status == "FINISHED"
-    assert "val/loss" in runs["global_batch_size=64"].data.metrics
+    assert runs["batch=48"].info.status == "FAILED"
+    assert "injected failure at micro-batch 24" in runs["batch=48"].data.tags["error"]
+    assert runs["batch=64"].info.status == "FINISHED"
+    assert "val/loss" in runs["batch=64"].data.metrics
     parent = runs[result.jobs[0].name].data.tags["mlflow.parentRunId"]
     assert MlflowClient(result.tracking_uri).get_run(parent).data.tags["error"] == (
         "1 of 3 jobs failed"
