@@ -331,6 +331,8 @@ def _print_summary(result: StudyResult, columns: list[str], rows: list[list[Any]
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:  # a log or a pipe: room for every column (rich assumes 80)
+        console = Console(width=120)
     table = Table(title=f"study {result.parent_run_id}")
     for column in columns[:-1]:
         if column == "job":  # the part of the name that differs between jobs: never cut it
