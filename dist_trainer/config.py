@@ -410,7 +410,19 @@ def register_configs() -> None:
     store.store(name="job_schema", node=JobConfig)
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+def _find_conf_dir() -> Path:
+    """The Hydra configs: the package data dist_trainer/conf/ of an installed wheel (pyproject
+    maps the repository's conf/ there), else conf/ beside the package (a source checkout or an
+    editable install, where conf/ at the repository root is what users edit)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    if (installed / "config.yaml").is_file():
+        return installed
+    return package.parent / "conf"
+
+
+CONF_DIR = _find_conf_dir()
+"""Folder of conf/config.yaml and its groups, as a real path (Hydra reads it as files)."""
 
 
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

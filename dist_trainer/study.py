@@ -32,7 +32,7 @@ _SUMMARY_METRICS = (
     ("val/loss", "val loss"),
     ("val/accuracy", "val acc"),
     ("train/loss", "train loss"),
-    ("perf/samples_per_s", "samples/s"),
+    ("perf/samples_per_s", "samples/s (last interval)"),
     ("perf/elapsed_s", "train time s"),
 )
 
