@@ -4,6 +4,7 @@
     dist-trainer train -m key=a,b,c ...         a study: parent run, one child per job
     dist-trainer bench-comm [hydra overrides]   all-reduce sweep on the training worker set-up
     dist-trainer report --experiment NAME       plots and findings of a study, from MLflow
+    dist-trainer cluster up|status|down         a local Ray head + warm worker group for train
 
 Each verb is a Hydra app over conf/, so overrides, `-m` sweeps and `--cfg job` work the same
 everywhere. `train(cfg)` itself lives in dist_trainer.driver; this module only parses and
@@ -35,6 +36,9 @@ verbs:
                one parent run, a child run per job, jobs sharing one worker group
   bench-comm   measure all-reduce time and bandwidth over message sizes
   report       plots and findings of a study, read back from MLflow (report --help)
+  cluster      up|status|down: a local Ray head and a warm worker group that `train` jobs from
+               this folder run in, one after another (cluster --help)
+  submit       run a job on a Ray cluster through its job server (submit --help)
 
 --verbose shows Ray's and MLflow's own lines too (otherwise in the log file it names).
 
@@ -108,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         from dist_trainer.study_report import main as report_main
 
         return report_main(rest)
+    if verb == "cluster":
+        from dist_trainer.cluster import main as cluster_main
+
+        return cluster_main(rest)
+    if verb == "submit":
+        from dist_trainer.submit import main as submit_main
+
+        register_configs()
+        return submit_main(rest)
     if verb not in _VERBS:
         print(f"dist-trainer: unknown verb {verb!r}\n\n{_USAGE}", file=sys.stderr)
         return 2

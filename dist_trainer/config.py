@@ -244,7 +244,9 @@ class ScalingConfig:
     address: str | None = None
     """Ray cluster to join (e.g. 'auto' or 'ray://host:10001'); None starts a local cluster."""
     storage_path: str = ".ray_storage"
-    """Where Ray Train keeps checkpoints (project-local, not the home directory)."""
+    """Where Ray Train keeps checkpoints: a local folder (project-local by default, not the
+    home directory) or a URI Ray Train supports (s3://bucket/path, gs://...), passed as given.
+    On a cluster of several machines it must be storage every node reaches."""
     max_failures: int = 0
     """Worker-group restarts Ray Train tries before failing the job (resumes from a checkpoint)."""
     bucket_cap_mb: float | None = None

@@ -35,14 +35,18 @@ __all__ = [
     "Cluster",
     "JobResult",
     "Prepared",
+    "RAY_DRIVER_ENV",
     "RAY_ENV_DEFAULTS",
+    "RAY_TRAIN_ENV",
     "check_user_code",
     "create_job_run",
+    "file_store_conflict",
     "job_payload",
     "launch",
     "prepare",
     "run_group",
     "start_cluster",
+    "storage_path",
     "train",
 ]
 
@@ -74,15 +78,20 @@ def _start_ray_in_background(scaling: Any) -> Future:
 # what each checkpoint report and the teardown cost (about one interval each), but every poll
 # interrupts every worker: 0.2 s cost 3-5% of steady throughput on 2 cores
 # (scripts/bench_launch.py --variants dt,dt_hc2), Ray's default 2 s makes reports slow; 1 s is
-# the middle. The preemption watcher competes with DDP's first torch._dynamo import. Users can
-# still override any of these in their environment.
-RAY_ENV_DEFAULTS = {
+# the middle. The preemption watcher competes with DDP's first torch._dynamo import. They are
+# Ray Train's own settings (ray/train/v2/_internal/constants.py; a test checks this Ray still
+# reads them), set only for the job's Ray processes through its runtime environment, never in
+# this process's environment; a value already in the user's environment wins.
+RAY_TRAIN_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_DEDUP_LOGS": "0",
     # Train V2 re-routes worker print() through its logger, which shows each line twice here.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
+# Read by the driver itself when it prints the workers' output: every line, not deduplicated
+# across workers (a rank's warning must not vanish because another rank said it first).
+RAY_DRIVER_ENV = {"RAY_DEDUP_LOGS": "0"}
+RAY_ENV_DEFAULTS = {**RAY_TRAIN_ENV, **RAY_DRIVER_ENV}
 
 
 @dataclass
@@ -117,8 +126,9 @@ class Prepared:
     tracking_uri: str
 
 
-def prepare(cfg: DictConfig | dict) -> Prepared:
-    """Every check that needs neither Ray nor a worker: config keys, batch plan, tracking store."""
+def prepare(cfg: DictConfig | dict, check_store: bool = True) -> Prepared:
+    """Every check that needs neither Ray nor a worker: config keys, batch plan, tracking store
+    (`check_store=False` where only the cluster must reach it: `submit`)."""
     job = resolve_config(cfg)
     if job.tracking.uri == "none":
         raise ConfigError(
@@ -132,7 +142,8 @@ def prepare(cfg: DictConfig | dict) -> Prepared:
     except BatchPlanError as exc:
         raise ConfigError(str(exc)) from None
     uri = tracking.normalize_tracking_uri(job.tracking.uri)
-    tracking.check_tracking_uri(uri)
+    if check_store:
+        tracking.check_tracking_uri(uri)
     container = OmegaConf.to_container(
         cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg), resolve=True
     )
@@ -144,22 +155,23 @@ def _start_ray(scaling: Any) -> None:
     """Join `scaling.address` or start a local cluster; an unreachable address is a ConfigError."""
     import ray
 
-    for key, value in RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)  # a local raylet and its workers inherit these
+    for key, value in RAY_DRIVER_ENV.items():
+        os.environ.setdefault(key, value)
     if scaling.address and scaling.address != "auto":
         _check_reachable(scaling.address)
     if ray.is_initialized():  # already started in this process (tests, notebooks)
         return
     console.quiet_libraries()
-    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    kwargs: dict[str, Any] = {
+        "log_to_driver": True,
+        "configure_logging": False,
+        "runtime_env": {"env_vars": {k: os.environ.get(k, v) for k, v in RAY_TRAIN_ENV.items()}},
+    }
     if scaling.address:
         import dist_trainer
 
-        kwargs["runtime_env"] = {
-            "env_vars": {k: os.environ[k] for k in RAY_ENV_DEFAULTS},
-            # Ship this package to the cluster's workers (conf/ is not needed there).
-            "py_modules": [str(Path(dist_trainer.__file__).parent)],
-        }
+        # Ship this package to the cluster's workers (conf/ is not needed there).
+        kwargs["runtime_env"]["py_modules"] = [str(Path(dist_trainer.__file__).parent)]
     try:
         ray.init(address=scaling.address, **kwargs)
         console.route_worker_output()
@@ -184,6 +196,41 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
             "(ray start --head), check host:port (GCS port, default 6379; ray:// client port "
             "10001), or drop scaling.address to run on a local cluster"
         ) from None
+
+
+def storage_path(given: str) -> str:
+    """What Ray Train gets: a URI (s3://, gs://, ...) as given, a local folder made absolute."""
+    if "://" in given:
+        return given
+    folder = Path(given).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
+
+
+def file_store_conflict(tracking_uri: str, node_ips: list[str], here: str) -> str | None:
+    """Why a file store (sqlite:, file:) cannot serve this cluster, or None.
+
+    Such a store is a file on this machine: workers on other machines would write to a file of
+    their own (or fail), so their metrics would never reach the run.
+    """
+    others = sorted(set(node_ips) - {here})
+    if not tracking_uri.startswith(("sqlite:", "file:")) or not others:
+        return None
+    return (
+        f"tracking.uri={tracking_uri!r} is a file on this machine, but the Ray cluster has "
+        f"nodes on {', '.join(others)} whose workers would write to it. Fix: start an MLflow "
+        "server that every node reaches (mlflow server --host 0.0.0.0 --port 5000 ...) and set "
+        "tracking.uri=http://<this host>:5000"
+    )
+
+
+def _check_shared_store(tracking_uri: str) -> None:
+    import ray
+
+    alive = [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
+    problem = file_store_conflict(tracking_uri, alive, ray.util.get_node_ip_address())
+    if problem:
+        raise ConfigError(problem)
 
 
 def _check_resources(job: JobConfig) -> bool:
@@ -277,6 +324,7 @@ def start_cluster(prepared: Prepared) -> Cluster:
     try:
         ray_ready.result()
         use_gpu = _check_resources(job)
+        _check_shared_store(uri)
         experiment_id = store_ready.result()
     finally:
         pool.shutdown(wait=True)
@@ -299,8 +347,6 @@ def run_group(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage = Path(job.scaling.storage_path).resolve()
-    storage.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config={**worker_config, "tracking_uri": tracking_uri},
@@ -316,7 +362,7 @@ def run_group(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=storage_path(job.scaling.storage_path),
             failure_config=FailureConfig(max_failures=job.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -476,6 +522,11 @@ def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
     job, plan, uri = prepared.job, prepared.plan, prepared.tracking_uri
     print(f"[dist-trainer] {plan.describe()}", flush=True)
     check_user_code(prepared)
+    from dist_trainer.cluster import run_in_service  # `dist-trainer cluster up`'s warm group
+
+    warm = run_in_service(prepared, t_start, show_progress)
+    if warm is not None:
+        return warm
     from dist_trainer.workers import train_fn
 
     cluster = start_cluster(prepared)
@@ -506,6 +557,7 @@ def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
         reporter.stop()
         tracking.finish_job_run(uri, run_id, status, error)
     metrics = tracking.latest_metrics(uri, run_id)
+    tracking.set_description(uri, run_id, tracking.describe_job(plan.describe(), metrics))
     elapsed = time.perf_counter() - t_start
     summary = report.comm_summary(
         uri, run_id, plan.world_size, "nccl" if cluster.use_gpu else "gloo"

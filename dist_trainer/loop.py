@@ -20,6 +20,22 @@ With `trainer.max_micro_batch_size=auto` the plan handed in is provisional: befo
 model in DDP, each rank probes the largest micro-batch that fits, the ranks agree on the smallest
 (one all-reduce) and the Trainer re-solves the plan with it (dist_trainer.autobatch); `self.plan`
 is the plan it trains with.
+
+Faults (a worker dies, Ray Train restarts the group, `scaling.max_failures`): the job resumes
+from its latest checkpoint (model, optimizer, scheduler, GradScaler, step, epoch, position in the
+epoch; the data order depends only on (seed, epoch)), so it ends at the same step with the same
+weights as a run without the failure. The steps between that checkpoint and the failure run
+twice; their metrics are logged once:
+- The first attempt's points stand. On resume, rank 0's logger reads the last step the run holds
+  per metric key and drops points at steps up to it (dist_trainer.tracking.RunLogger.resume):
+  the replay fills in only what never reached the store.
+- Every checkpoint closes a log interval (it logs train/* and perf/* at its step, like the end of
+  an epoch), so a replay's intervals are exactly the first attempt's: no logged interval
+  straddles a checkpoint, and every step's samples count in exactly one logged point.
+- `checkpoint/save_s` (state, write and Ray's report, which waits for every rank) is logged at
+  each checkpoint's step, `checkpoint/load_s` at the step a resumed attempt starts from.
+- `perf/elapsed_s` and `val/elapsed_s` continue from the checkpoint's value: training time to
+  reach the step, without the work lost to the failure or the restart.
 """
 
 from __future__ import annotations
@@ -172,6 +188,8 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.epoch = 0
         self.step_in_epoch = 0
+        self._elapsed_before = 0.0  # training seconds before the checkpoint this run resumed
+        self._fit_started: float | None = None
         self.clock = StepClock(self.device)
         self.probe = comm.ExposedCommProbe(
             self.clock.stamp, self.meter.enabled, job.comm.probe_every_n_steps
@@ -334,7 +352,7 @@ class Trainer:
             peak_tflops=self.peak_tflops,
         )
         metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics["perf/elapsed_s"] = time.perf_counter() - self._fit_started
+        metrics["perf/elapsed_s"] = self.elapsed_s()
         metrics["train/epoch"] = self.epoch + self.step_in_epoch / self.sampler.steps_per_epoch
         self.logger.log_metrics(metrics, step=self.step)
         return metrics
@@ -360,6 +378,12 @@ class Trainer:
         return {"val/loss": loss_sum / max(1.0, samples), "val/accuracy": correct / max(1.0, count)}
 
     # ---------------------------------------------------------------- state
+    def elapsed_s(self) -> float:
+        """Training wall time to this step: before the resumed checkpoint, plus this attempt's."""
+        if self._fit_started is None:
+            return self._elapsed_before
+        return self._elapsed_before + time.perf_counter() - self._fit_started
+
     def state(self) -> dict[str, Any]:
         state = {
             "model": self.model.state_dict(),
@@ -368,6 +392,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
+            "elapsed_s": self.elapsed_s(),
         }
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
@@ -381,13 +406,31 @@ class Trainer:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
+        self._elapsed_before = state.get("elapsed_s", 0.0)
 
     def checkpoint(self, metrics: dict[str, float]) -> None:
+        """Save a checkpoint at this step (every rank: the sink may be a barrier); rank 0 logs
+        what it cost as `checkpoint/save_s`. Call it at most once per step."""
         started = time.perf_counter()
         state = self.state() if self.info.rank == 0 else None
         self.sink.save(state, {"step": self.step, **metrics}, self.step)
         self._last_checkpoint = self.step
-        self.interval.paused_s += time.perf_counter() - started
+        save_s = time.perf_counter() - started
+        self.interval.paused_s += save_s
+        self.logger.log_metrics({"checkpoint/save_s": save_s}, step=self.step)
+
+    def _resume(self) -> None:
+        """Load the latest checkpoint, if any, and tell the logger the run may hold its steps."""
+        started = time.perf_counter()
+        resumed = self.sink.latest()
+        if resumed is None:
+            return
+        self.load_state(resumed)
+        # Before anything else is logged: the logger reads what the run holds first.
+        self.logger.resume()
+        load_s = time.perf_counter() - started
+        self.logger.log_metrics({"checkpoint/load_s": load_s}, step=self.step)
+        log.info("resumed from step %d (epoch %d) in %.2f s", self.step, self.epoch, load_s)
 
     # ---------------------------------------------------------------- run
     def _should_log(self) -> bool:
@@ -402,11 +445,11 @@ class Trainer:
         return finished or (epoch_done and (self.epoch + 1) % every == 0)
 
     def fit(self) -> dict[str, float]:
-        """Train to `total_steps`, validating, logging and checkpointing on the way."""
-        resumed = self.sink.latest()
-        if resumed is not None:
-            self.load_state(resumed)
-            log.info("resumed from step %d (epoch %d)", self.step, self.epoch)
+        """Train to `total_steps`, validating, logging and checkpointing on the way.
+
+        Resumes from the sink's latest checkpoint if there is one (see the module docstring:
+        replayed steps are not logged twice)."""
+        self._resume()
         if self.info.rank == 0:
             self.logger.log_params(self._run_params())
         if self.sampler_gpu:
@@ -414,7 +457,8 @@ class Trainer:
         elif self.job.telemetry.enabled and self.info.rank == 0:
             log.info("GPU telemetry is off: workers run on %s", self.device.type)
         self._last_checkpoint = self.step
-        # Training wall time (this attempt), so runs compare by time to a validation loss.
+        # Training wall time (continued from a resumed checkpoint's), so runs compare by time to
+        # a validation loss.
         self._fit_started = time.perf_counter()
         last: dict[str, float] = {}
         self.interval.reset()
@@ -425,9 +469,12 @@ class Trainer:
                         break
                     self.train_step(fed)
                     self.step_in_epoch += 1
-                    if self._should_log():
+                    checkpoint = self._should_checkpoint()
+                    # A checkpoint closes the log interval: a resumed run's intervals are then
+                    # the same as the first attempt's (the module docstring).
+                    if self._should_log() or checkpoint:
                         last.update(self.log_interval())
-                    if self._should_checkpoint():
+                    if checkpoint:
                         self.checkpoint(last)
                 last.update(self._end_of_epoch_or_run(last))
         finally:
@@ -447,7 +494,7 @@ class Trainer:
             started = time.perf_counter()
             val = self.evaluate()
             self.interval.paused_s += time.perf_counter() - started
-            val["val/elapsed_s"] = time.perf_counter() - self._fit_started
+            val["val/elapsed_s"] = self.elapsed_s()
             self.logger.log_metrics(val, step=self.step)
             out.update(val)
         if epoch_done:

@@ -5,6 +5,15 @@ workers; rank 0 logs training metrics into it through a `RunLogger`, whose backg
 batches writes so the training step never waits on the tracking store. After a restart the
 workers log into the same run id, so a resumed job stays one run.
 
+A resumed job replays the steps between its checkpoint and the failure. What the run already
+holds stands: `RunLogger.resume()` reads, per metric key, the last step the run has logged
+(`logged_steps`) and from then on drops points at steps up to it, and params the run already
+has; so every step appears at most once in every metric series, in increasing order. The rule
+is per key, not the max over keys: a key whose last point never reached the store (the failure
+came between two flushes, or the key is only logged at epoch ends, like val/*) is filled in by
+the replay, and no key is cut short by another's later step. `system/*` keys are MLflow's own
+(SystemMetrics, counted in samples, not steps); its monitor resumes after their last step itself.
+
 mlflow is imported lazily: in a worker the logger thread pays for the import while the first
 steps already run.
 """
@@ -38,10 +47,12 @@ __all__ = [
     "prepare_store",
     "ui_url",
     "latest_metrics",
+    "logged_steps",
     "log_table",
     "log_text",
     "run_statuses",
     "set_description",
+    "describe_job",
 ]
 
 log = logging.getLogger(__name__)
@@ -150,14 +161,33 @@ def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """The MLflow UI page of a run (or experiment): the server itself, or `make ui`'s address."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     base = _URI_USERINFO.sub(r"\g<scheme>", base)  # never print credentials
-    # An experiment's own page opens on the GenAI overview in a fresh browser; /runs is the
-    # training runs table.
-    return f"{base}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    # The UI's workflow switch (GenAI | Model training) starts on GenAI in a fresh browser,
+    # whatever the experiment's kind; this parameter opens it on model training.
+    page = f"{base}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{page}?workflowType=machine_learning"
 
 
 def latest_metrics(uri: str, run_id: str) -> dict[str, float]:
     """The run's latest value of every metric."""
     return dict(_client(uri).get_run(run_id).data.metrics)
+
+
+def _logged_steps(client: Any, run_id: str, run: Any = None) -> dict[str, int]:
+    run = run or client.get_run(run_id)
+    # Per key, MLflow keeps the point at the largest step as the run's latest metric: one query,
+    # not the whole history (mlflow.system_metrics reads it the same way).
+    latest = getattr(run.data, "_metric_objs", None)
+    if latest is not None:
+        return {m.key: int(m.step) for m in latest}
+    return {
+        key: max(int(m.step) for m in client.get_metric_history(run_id, key))
+        for key in run.data.metrics
+    }
+
+
+def logged_steps(uri: str, run_id: str) -> dict[str, int]:
+    """The last step the run has logged, per metric key (keys never logged are absent)."""
+    return _logged_steps(_client(uri), run_id)
 
 
 def start_job_run(
@@ -185,6 +215,21 @@ def start_job_run(
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
     """A text artifact from the driver (summaries, reports)."""
     _client(uri).log_text(run_id, text, artifact_file)
+
+
+def describe_job(plan_text: str, metrics: dict[str, float]) -> str:
+    """A job run's description: its plan and final figures, first on its page in the UI."""
+    figures = [
+        ("val/loss", "val loss", "{:.4g}"),
+        ("val/accuracy", "val accuracy", "{:.4g}"),
+        ("train/loss", "train loss (last interval)", "{:.4g}"),
+        ("perf/samples_per_s", "samples/s (last interval)", "{:,.0f}"),
+        ("perf/elapsed_s", "training time", "{:.1f} s"),
+    ]
+    lines = [
+        f"- {label}: {fmt.format(metrics[key])}" for key, label, fmt in figures if key in metrics
+    ]
+    return f"{plan_text}\n\n" + "\n".join(lines) + "\n"
 
 
 def set_description(uri: str, run_id: str, markdown: str) -> None:
@@ -275,6 +320,9 @@ class NullLogger:
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
+    def resume(self) -> None:
+        """The job resumed from a checkpoint into a run that may hold its steps already."""
+
     def close(self) -> None:
         pass
 
@@ -284,6 +332,10 @@ class RunLogger(NullLogger):
 
     Metrics carry the wall-clock time at which they were measured (not when they were written),
     so MLflow's timestamps tell when each step happened.
+
+    After `resume()` it only appends (see the module docstring): per metric key, a point at a
+    step the run already holds, or below it, is dropped (the first attempt's point stands), and
+    so is a param the run already has. `dropped` counts the points dropped.
     """
 
     def __init__(self, uri: str, run_id: str, flush_interval_s: float = 1.0) -> None:
@@ -292,6 +344,11 @@ class RunLogger(NullLogger):
         self._flush_interval_s = flush_interval_s
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
+        # After resume(): the last step written per key, and the params the run holds. Only
+        # the logger thread touches them.
+        self._last_step: dict[str, int] | None = None
+        self._params_held: set[str] | None = None
+        self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
         self._thread.start()
 
@@ -308,12 +365,54 @@ class RunLogger(NullLogger):
     def log_text(self, text: str, artifact_file: str) -> None:
         self._queue.put(("text", (text, artifact_file)))
 
+    def resume(self) -> None:
+        """Append only from now on: call it before logging anything for the resumed attempt.
+
+        The logger thread reads what the run holds before it writes what follows, so points
+        queued by this attempt are filtered against the store as the failure left it.
+        """
+        self._queue.put(("resume", None))
+
     def close(self) -> None:
         """Flush everything queued, then stop; raises if writing failed."""
         self._queue.put(("stop", None))
         self._thread.join()
         if self._error is not None:
             raise RuntimeError(f"MLflow logging to {self.uri} failed: {self._error}")
+        if self.dropped:
+            log.info(
+                "resumed run %s: %d metric points at steps it already held were not logged again",
+                self.run_id,
+                self.dropped,
+            )
+
+    def _new_points(self, payload: list[tuple[str, float, int, int]]) -> list:
+        """The points to write: all of them, or after resume() those past each key's last step."""
+        if self._last_step is None:
+            return payload
+        kept = []
+        for point in payload:
+            key, step = point[0], point[3]
+            if step <= self._last_step.get(key, step - 1):
+                self.dropped += 1
+                continue
+            self._last_step[key] = step
+            kept.append(point)
+        return kept
+
+    def _new_params(self, payload: dict[str, str]) -> dict[str, str]:
+        """After resume(), the params the run does not hold yet: a param may differ after a
+        restart (worker.rank0_pid), and MLflow refuses to change one; the first value stands."""
+        if self._params_held is None:
+            return payload
+        new = {k: v for k, v in payload.items() if k not in self._params_held}
+        self._params_held.update(new)
+        return new
+
+    def _start_resumed(self, client: Any) -> None:
+        run = client.get_run(self.run_id)
+        self._last_step = _logged_steps(client, self.run_id, run)
+        self._params_held = set(run.data.params)
 
     def _run(self) -> None:
         try:
@@ -338,9 +437,13 @@ class RunLogger(NullLogger):
             try:
                 for kind, payload in items:
                     if kind == "metrics":
-                        metrics.extend(Metric(k, v, ts, step) for k, v, ts, step in payload)
+                        metrics.extend(
+                            Metric(k, v, ts, step) for k, v, ts, step in self._new_points(payload)
+                        )
                     elif kind == "params":
-                        params.extend(Param(k, v) for k, v in payload.items())
+                        params.extend(Param(k, v) for k, v in self._new_params(payload).items())
+                    elif kind == "resume":
+                        self._start_resumed(client)
                     elif kind == "artifact":
                         client.log_artifact(self.run_id, payload[0], payload[1])
                     elif kind == "text":

@@ -9,7 +9,10 @@ process group) is the expensive part on a small machine; a job inside it costs i
 
 Checkpoints are namespaced by the job's run id, so a job never resumes from another job's
 state; after a worker-group restart (`scaling.max_failures`) the latest checkpoint says which
-job was running, the jobs before it are done, and that one resumes.
+job was running, the jobs before it are done, and that one resumes, in its own MLflow run: the
+steps it replays since the checkpoint are not logged twice (dist_trainer.loop's docstring).
+Ray Train kills the old group's workers before it starts the new one, so the old rank 0's logger
+writes nothing once the new one has read what the run holds.
 """
 
 from __future__ import annotations

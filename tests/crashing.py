@@ -1,8 +1,10 @@
-"""A model that fails once mid-training, to test restart and resume through Ray Train."""
+"""Models that fail once mid-training, to test restart and resume through Ray Train."""
 
 from __future__ import annotations
 
 import os
+import signal
+import time
 
 from dist_trainer.models import MLP
 
@@ -38,3 +40,38 @@ class FailsAtMicroBatch(MLP):
         if self.training and not x.is_meta and x.shape[0] == self.micro_batch:
             raise RuntimeError(f"injected failure at micro-batch {self.micro_batch}")
         return super().forward(x)
+
+
+class DiesOnceMLP(MLP):
+    """An MLP whose worker process dies hard (SIGKILL: no exception, no cleanup, like an
+    out-of-memory kill) at its training forward call `die_at_call` on rank `rank`, if `marker`
+    does not exist yet. It first waits `delay_s`, so the other ranks' loggers flush what they
+    logged: the store then holds steps the resumed job replays. Meta tensors (the driver's
+    preflight) pass through and are not counted."""
+
+    def __init__(
+        self, marker: str, die_at_call: int, rank: int = 1, delay_s: float = 0.0, **kwargs
+    ) -> None:
+        super().__init__(**kwargs)
+        self.marker = marker
+        self.die_at_call = die_at_call
+        self.rank = rank
+        self.delay_s = delay_s
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training and not x.is_meta:
+            self.calls += 1
+            dies = self.calls == self.die_at_call and self._my_rank() == self.rank
+            if dies and not os.path.exists(self.marker):
+                with open(self.marker, "w") as f:
+                    f.write(f"killed rank {self.rank} at training forward {self.calls}")
+                time.sleep(self.delay_s)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(x)
+
+    @staticmethod
+    def _my_rank() -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

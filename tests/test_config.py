@@ -119,3 +119,49 @@ def test_flatten_uses_dotted_keys():
         "a.c": [1, 2],
         "d.0.e": 3,
     }
+
+
+def test_ray_train_still_reads_the_settings_we_give_it():
+    """Our Ray Train levers are its internal environment variables: a Ray release that renames
+    one would silently drop it, so this fails instead."""
+    import inspect
+
+    import ray._private.ray_constants as ray_constants
+    import ray.train.v2._internal.constants as train_constants
+
+    from dist_trainer.driver import RAY_DRIVER_ENV, RAY_TRAIN_ENV
+
+    train_source = inspect.getsource(train_constants)
+    for name in RAY_TRAIN_ENV:
+        assert f'"{name}"' in train_source, name
+    for name in RAY_DRIVER_ENV:
+        assert f'"{name}"' in inspect.getsource(ray_constants), name
+
+
+def test_storage_path_uris_pass_as_given(tmp_path, monkeypatch):
+    from dist_trainer.driver import storage_path
+
+    assert storage_path("s3://bucket/runs") == "s3://bucket/runs"
+    assert storage_path("gs://b/p") == "gs://b/p"
+    monkeypatch.chdir(tmp_path)
+    local = storage_path("ray_storage")
+    assert local == str(tmp_path / "ray_storage") and (tmp_path / "ray_storage").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("uri", "nodes", "refused"),
+    [
+        ("sqlite:////x/mlflow.db", ["10.0.0.1"], False),  # one machine: fine
+        ("sqlite:////x/mlflow.db", ["10.0.0.1", "10.0.0.1"], False),  # nodes on this machine
+        ("sqlite:////x/mlflow.db", ["10.0.0.1", "10.0.0.2"], True),
+        ("file:///x/mlruns", ["10.0.0.1", "10.0.0.2"], True),
+        ("http://mlflow:5000", ["10.0.0.1", "10.0.0.2"], False),
+    ],
+)
+def test_a_file_store_is_refused_for_a_cluster_of_machines(uri, nodes, refused):
+    from dist_trainer.driver import file_store_conflict
+
+    problem = file_store_conflict(uri, nodes, "10.0.0.1")
+    assert (problem is not None) == refused
+    if refused:
+        assert "10.0.0.2" in problem and "tracking.uri=http://" in problem

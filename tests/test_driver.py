@@ -134,6 +134,10 @@ def test_two_workers_one_run_with_params_metrics_artifacts(ray_cluster, tmp_path
     assert run.data.tags["mlflow.source.git.commit"]
     assert run.data.tags["torch"] and run.data.tags["ray"]
     assert result.checkpoint_path and Path(result.checkpoint_path).exists()
+    # Its page opens on the plan and the final figures.
+    description = client.get_run(result.run_id).data.tags["mlflow.note.content"]
+    assert description.startswith("global batch 64 = micro-batch 16 x 2 accumulation")
+    assert f"- val loss: {run.data.metrics['val/loss']:.4g}" in description
 
 
 def test_worker_failure_restarts_and_resumes_the_same_run(ray_cluster, tmp_path):
