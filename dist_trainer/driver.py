@@ -407,17 +407,29 @@ def launch(
         {**_tags(prepared), **(tags or {})},
         artifacts,
     )
+    config = {**worker_config, "run_id": run_id}
+    result = _run_and_finish(job, worker_fn, config, run_id, uri, cluster.use_gpu)
+    return run_id, result, cluster.use_gpu
+
+
+def _run_and_finish(
+    job: JobConfig,
+    worker_fn: Callable[[dict[str, Any]], None],
+    worker_config: dict[str, Any],
+    run_id: str,
+    uri: str,
+    use_gpu: bool,
+    reporter: ProgressReporter | None = None,
+) -> Any:
+    """`run_group` for one run, which then ends FINISHED, FAILED (the error as a tag) or
+    KILLED, whatever happens."""
     status, error = "FAILED", None
+    if reporter is not None:
+        reporter.start()
     try:
-        result = run_group(
-            job,
-            worker_fn,
-            {**worker_config, "run_id": run_id},
-            f"dist_trainer-{run_id}",
-            uri,
-            cluster.use_gpu,
-        )
+        result = run_group(job, worker_fn, worker_config, f"dist_trainer-{run_id}", uri, use_gpu)
         status = "FINISHED"
+        return result
     except KeyboardInterrupt:
         status, error = "KILLED", "interrupted by the user"
         raise
@@ -425,8 +437,9 @@ def launch(
         error = _error_text(exc)
         raise
     finally:
+        if reporter is not None:
+            reporter.stop()
         tracking.finish_job_run(uri, run_id, status, error)
-    return run_id, result, cluster.use_gpu
 
 
 def _config_error_in(exc: BaseException) -> ConfigError | None:
@@ -535,27 +548,8 @@ def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
         f"[dist-trainer] MLflow run {run_id} in experiment '{job.tracking.experiment}'", flush=True
     )
     reporter = ProgressReporter(uri, run_id, enabled=show_progress)
-    reporter.start()
-    status, error = "FAILED", None
-    try:
-        result = run_group(
-            job,
-            train_fn,
-            {"jobs": [job_payload(prepared, run_id)]},
-            f"dist_trainer-{run_id}",
-            uri,
-            cluster.use_gpu,
-        )
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status, error = "KILLED", "interrupted by the user"
-        raise
-    except Exception as exc:
-        error = _error_text(exc)
-        raise
-    finally:
-        reporter.stop()
-        tracking.finish_job_run(uri, run_id, status, error)
+    config = {"jobs": [job_payload(prepared, run_id)]}
+    result = _run_and_finish(job, train_fn, config, run_id, uri, cluster.use_gpu, reporter)
     metrics = tracking.latest_metrics(uri, run_id)
     tracking.set_description(uri, run_id, tracking.describe_job(plan.describe(), metrics))
     elapsed = time.perf_counter() - t_start
