@@ -87,16 +87,32 @@ def _log_like_the_driver(rank: int) -> None:
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+def _placement(rank: int) -> tuple[int, int]:
+    """(node index, rank on that node) by Ray node, for telemetry keys (`node1/rank0`).
+
+    Ray Train's node rank groups workers by IP address, so two Ray nodes on one machine (a
+    simulated cluster, or one raylet per GPU group) would look like one node. Node ids tell
+    them apart: nodes are numbered in the order of their first rank, so rank 0 is on node0.
+    """
+    import torch.distributed as dist
+
+    mine = ray.get_runtime_context().get_node_id()
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, mine)
+    return list(dict.fromkeys(nodes)).index(mine), nodes[:rank].count(mine)
+
+
 def train_fn(config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point: `config["jobs"]` in order, from the driver."""
     context = ray.train.get_context()
     _log_like_the_driver(context.get_world_rank())
+    node_rank, local_rank = _placement(context.get_world_rank())
     info = WorkerInfo(
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),
-        local_rank=context.get_local_rank(),
-        node_rank=context.get_node_rank(),
-        device=get_device(),
+        local_rank=local_rank,
+        node_rank=node_rank,
+        device=get_device(),  # Ray's own mapping of this worker to its GPU
     )
     jobs = config["jobs"]
     uri = config["tracking_uri"]
