@@ -281,7 +281,8 @@ class TrackingConfig:
     """Where runs are logged (`tracking.*`)."""
 
     uri: str = "sqlite:///mlflow.db"
-    """MLflow tracking URI: sqlite:///file.db (relative to the working dir), http://host:5000."""
+    """MLflow tracking URI: sqlite:///file.db (relative to the working dir), http://host:5000.
+    conf/tracking/default.yaml takes $MLFLOW_TRACKING_URI when it is set."""
     experiment: str = "dist_trainer"
     """MLflow experiment that groups comparable runs."""
     run_name: str | None = None

@@ -148,10 +148,13 @@ class ProgressReporter:
             from rich.markdown import Markdown
 
             self.console.print(Markdown(comm.to_markdown()))
+        if self.uri.startswith(("http://", "https://")):
+            where = f"Open the UI at {self.uri}"
+        else:
+            where = f"Open the UI with `make ui` (mlflow ui --backend-store-uri {self.uri})"
         self.console.print(
             f"finished in {elapsed_s:.1f} s. MLflow run id: {self.run_id}\n"
-            f"Open the UI with `make ui` (mlflow ui --backend-store-uri {self.uri}) and compare "
-            "runs side by side in the experiment's table."
+            f"{where} and compare runs side by side in the experiment's table."
         )
         if url:
             self.console.print(f"This run: {url}", soft_wrap=True)
