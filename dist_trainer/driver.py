@@ -551,7 +551,8 @@ def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
     config = {"jobs": [job_payload(prepared, run_id)]}
     result = _run_and_finish(job, train_fn, config, run_id, uri, cluster.use_gpu, reporter)
     metrics = tracking.latest_metrics(uri, run_id)
-    tracking.set_description(uri, run_id, tracking.describe_job(plan.describe(), metrics))
+    text = tracking.plan_text(uri, run_id, plan.describe())
+    tracking.set_description(uri, run_id, tracking.describe_job(text, metrics))
     elapsed = time.perf_counter() - t_start
     summary = report.comm_summary(
         uri, run_id, plan.world_size, "nccl" if cluster.use_gpu else "gloo"

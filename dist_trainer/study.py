@@ -239,10 +239,8 @@ def run_study(overrides: list[str], show_progress: bool = True) -> StudyResult:
         for job in jobs:
             if job.run_id and job.status == "FINISHED":
                 job.metrics = tracking.latest_metrics(uri, job.run_id)
-                plan_text = job.prepared.plan.describe()
-                tracking.set_description(
-                    uri, job.run_id, tracking.describe_job(plan_text, job.metrics)
-                )
+                text = tracking.plan_text(uri, job.run_id, job.prepared.plan.describe())
+                tracking.set_description(uri, job.run_id, tracking.describe_job(text, job.metrics))
         columns, rows = _summary_rows(jobs)
         failures = [j for j in jobs if j.status != "FINISHED"]
         summary = _summary_markdown(columns, rows, failures)

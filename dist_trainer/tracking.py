@@ -53,6 +53,7 @@ __all__ = [
     "run_statuses",
     "set_description",
     "describe_job",
+    "plan_text",
 ]
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,19 @@ def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
     _client(uri).log_text(run_id, text, artifact_file)
 
 
+def plan_text(uri: str, run_id: str, planned: str) -> str:
+    """The plan a job trained with: `planned`, or with trainer.max_micro_batch_size=auto the
+    split the workers found and logged (plan.micro_batch_size, plan.accumulation_steps)."""
+    params = _client(uri).get_run(run_id).data.params
+    if "plan.auto_micro_batch_size" not in params:
+        return planned
+    return (
+        f"global batch {params['plan.global_batch_size']} = micro-batch "
+        f"{params['plan.micro_batch_size']} x {params['plan.accumulation_steps']} accumulation "
+        f"step(s) x {params['plan.world_size']} worker(s) (trainer.max_micro_batch_size=auto)"
+    )
+
+
 def describe_job(plan_text: str, metrics: dict[str, float]) -> str:
     """A job run's description: its plan and final figures, first on its page in the UI."""
     figures = [
@@ -224,7 +238,7 @@ def describe_job(plan_text: str, metrics: dict[str, float]) -> str:
         ("val/accuracy", "val accuracy", "{:.4g}"),
         ("train/loss", "train loss (last interval)", "{:.4g}"),
         ("perf/samples_per_s", "samples/s (last interval)", "{:,.0f}"),
-        ("perf/elapsed_s", "training time", "{:.1f} s"),
+        ("perf/elapsed_s", "training time", "{:.3g} s"),
     ]
     lines = [
         f"- {label}: {fmt.format(metrics[key])}" for key, label, fmt in figures if key in metrics

@@ -390,3 +390,28 @@ def test_seed_tutorial_through_ray_matches_the_plain_loop(ray_cluster, tmp_path)
 
     positive_share = breast_cancer(num_features=10, seed=0).val.tensors[1].mean().item()
     assert accuracy > max(positive_share, 1 - positive_share) + 0.2
+
+
+def test_auto_micro_batch_through_ray_logs_the_plan_the_workers_found(ray_cluster, tmp_path):
+    """A budget too small for 32 samples a worker: the workers agree on a smaller micro-batch,
+    log it, and the run's description shows the split they trained with."""
+    cfg = load_config(
+        job_overrides(
+            tmp_path,
+            "trainer.max_micro_batch_size=auto",
+            "trainer.micro_batch_memory_mb=2.2",  # params + grads ~2.1 MiB: few samples fit
+            "model.hidden_sizes=[512,512]",
+            "trainer.max_epochs=1",
+        )
+    )
+    result = driver.train(cfg, show_progress=False)
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    params = run.data.params
+    micro, accumulation = (
+        int(params["plan.micro_batch_size"]),
+        int(params["plan.accumulation_steps"]),
+    )
+    assert accumulation > 1 and micro * accumulation * 2 == 64
+    assert run.data.tags["mlflow.note.content"].startswith(
+        f"global batch 64 = micro-batch {micro} x {accumulation} accumulation step(s) x 2"
+    )
