@@ -535,7 +535,7 @@ def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
     job, plan, uri = prepared.job, prepared.plan, prepared.tracking_uri
     print(f"[dist-trainer] {plan.describe()}", flush=True)
     check_user_code(prepared)
-    from dist_trainer.cluster import run_in_service  # `dist-trainer cluster up`'s warm group
+    from dist_trainer.warm import run_in_service  # `dist-trainer cluster up`'s warm group
 
     warm = run_in_service(prepared, t_start, show_progress)
     if warm is not None:

@@ -19,8 +19,8 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dist_trainer.cluster import mismatch
 from dist_trainer.service import JobQueue, forget_user_modules
+from dist_trainer.warm import mismatch
 from tests.conftest import free_port, job_config
 
 CLI = str(Path(sys.executable).with_name("dist-trainer"))
