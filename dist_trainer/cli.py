@@ -39,6 +39,7 @@ verbs:
   cluster      up|status|down: a local Ray head and a warm worker group that `train` jobs from
                this folder run in, one after another (cluster --help)
   submit       run a job on a Ray cluster through its job server (submit --help)
+  import-metrics FILE: write what a job could not send to MLflow (outputs/unsent_metrics/)
 
 --verbose shows Ray's and MLflow's own lines too (otherwise in the log file it names).
 
@@ -121,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
 
         register_configs()
         return submit_main(rest)
+    if verb == "import-metrics":
+        from dist_trainer.tracking import import_metrics_main
+
+        return import_metrics_main(rest)
     if verb not in _VERBS:
         print(f"dist-trainer: unknown verb {verb!r}\n\n{_USAGE}", file=sys.stderr)
         return 2
