@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from dist_trainer import sweep as comm_sweep
-from dist_trainer.tracking import BENCH_TAG, RunLogger
+from dist_trainer.run_logger import RunLogger
+from dist_trainer.tracking import BENCH_TAG
 
 __all__ = ["run_bench_comm", "sweep_and_log"]
 

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         register_configs()
         return submit_main(rest)
     if verb == "import-metrics":
-        from dist_trainer.tracking import import_metrics_main
+        from dist_trainer.run_logger import import_metrics_main
 
         return import_metrics_main(rest)
     if verb not in _VERBS:

@@ -27,7 +27,7 @@ epoch; the data order depends only on (seed, epoch)), so it ends at the same ste
 weights as a run without the failure. The steps between that checkpoint and the failure run
 twice; their metrics are logged once:
 - The first attempt's points stand. On resume, rank 0's logger reads the last step the run holds
-  per metric key and drops points at steps up to it (dist_trainer.tracking.RunLogger.resume):
+  per metric key and drops points at steps up to it (dist_trainer.run_logger.RunLogger.resume):
   the replay fills in only what never reached the store.
 - Every checkpoint closes a log interval (it logs train/* and perf/* at its step, like the end of
   an epoch), so a replay's intervals are exactly the first attempt's: no logged interval
@@ -67,9 +67,9 @@ from dist_trainer.config import ConfigError, JobConfig, Precision
 from dist_trainer.loading import BatchFeed, FedStep
 from dist_trainer.metrics import IntervalMetrics, StepClock
 from dist_trainer.preflight import flops_per_sample
+from dist_trainer.run_logger import NullLogger, RunLogger, SystemMetrics
 from dist_trainer.sampling import GlobalBatchSampler, shard_for_rank
 from dist_trainer.tasks import OutputShapeError, check_outputs, loss_sums
-from dist_trainer.tracking import NullLogger, RunLogger, SystemMetrics
 
 __all__ = ["Trainer", "WorkerInfo", "run_training"]
 

@@ -74,7 +74,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 from dist_trainer.data import DataBundle, synthetic  # noqa: E402  (after the path set-up)
-from dist_trainer.tracking import NullLogger  # noqa: E402
+from dist_trainer.run_logger import NullLogger  # noqa: E402
 
 LOG_EVERY = 10  # bench_mlp's trainer.log_every_n_steps: dt's timestamps fall on its multiples
 TARGETS = {256: 0.95, 8192: 0.98}
@@ -281,7 +281,7 @@ class StepTimes(NullLogger):
 
 
 def run_dt(info, overrides: list[str], batch: int, steps: int, warmup: int, args) -> dict[str, Any]:
-    from dist_trainer import tracking
+    from dist_trainer import run_logger, tracking
     from dist_trainer.batching import plan_batches
     from dist_trainer.checkpoint import LocalCheckpointSink
     from dist_trainer.config import load_config, resolve_config
@@ -294,9 +294,9 @@ def run_dt(info, overrides: list[str], batch: int, steps: int, warmup: int, args
         uri = f"sqlite:///{args.work}/mlflow.db"
         experiment = tracking.prepare_store(uri, "bench_gpu")
         run_id = tracking.start_job_run(uri, experiment, "bench_gpu", {}, {})
-        inner = tracking.RunLogger(uri, run_id)
+        inner = run_logger.RunLogger(uri, run_id)
         if job.tracking.system_metrics:
-            host = tracking.SystemMetrics(uri, run_id, "node0", job.telemetry.interval_s * 5)
+            host = run_logger.SystemMetrics(uri, run_id, "node0", job.telemetry.interval_s * 5)
     logger = StepTimes(inner)
     try:
         trainer = Trainer(job, plan, info, logger=logger, sink=LocalCheckpointSink(None))

@@ -14,9 +14,8 @@ from mlflow.tracking import MlflowClient
 from dist_trainer.batching import plan_batches
 from dist_trainer.checkpoint import LocalCheckpointSink
 from dist_trainer.loop import Trainer, WorkerInfo
+from dist_trainer.run_logger import NullLogger, RunLogger
 from dist_trainer.tracking import (
-    NullLogger,
-    RunLogger,
     logged_steps,
     normalize_tracking_uri,
     prepare_store,

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from dist_trainer.batching import plan_batches
 from dist_trainer.checkpoint import LocalCheckpointSink
 from dist_trainer.loop import Trainer, WorkerInfo
-from dist_trainer.tracking import NullLogger
+from dist_trainer.run_logger import NullLogger
 from tests.conftest import job_config, job_overrides
 
 pytestmark = [

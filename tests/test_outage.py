@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dist_trainer.tracking import RunLogger, import_unsent, logged_steps
+from dist_trainer.run_logger import RunLogger, import_unsent
+from dist_trainer.tracking import logged_steps
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from dist_trainer.batching import plan_batches
 from dist_trainer.config import flatten, load_config
 from dist_trainer.loop import Trainer, WorkerInfo
+from dist_trainer.run_logger import RunLogger
 from dist_trainer.study_figures import (
     default_target,
     findings,
@@ -29,7 +30,6 @@ from dist_trainer.study_figures import (
 )
 from dist_trainer.study_report import build_report, main
 from dist_trainer.tracking import (
-    RunLogger,
     finish_job_run,
     normalize_tracking_uri,
     prepare_store,

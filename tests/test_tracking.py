@@ -8,8 +8,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dist_trainer.config import ConfigError
+from dist_trainer.run_logger import RunLogger
 from dist_trainer.tracking import (
-    RunLogger,
     check_tracking_uri,
     finish_job_run,
     normalize_tracking_uri,
