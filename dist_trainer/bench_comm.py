@@ -5,8 +5,9 @@ Each size (1 KiB to 256 MiB, doubling, by default) is warmed up, then timed `com
 times as blocking all-reduces; the median, maxed over ranks, is the point. Rank 0 logs the curve
 into the job's own MLflow run (metrics `bench_comm/time_s`, `bench_comm/algbw_gbps`,
 `bench_comm/busbw_gbps` with the message size in bytes as the step), the α-β fit (latency α,
-bus bandwidth β; REFERENCE.md), a CSV and a PNG. A later training run in the same store
-compares its achieved bus bandwidth against this curve (dist_trainer.report).
+bus bandwidth β: t(S) = α + S·2(n−1)/n / β for a ring all-reduce), a CSV and a PNG. A later
+training run in the same store compares its achieved bus bandwidth against this curve
+(dist_trainer.report).
 """
 
 from __future__ import annotations

@@ -74,8 +74,8 @@ def _start_ray_in_background(scaling: Any) -> Future:
     return future
 
 
-# Ray Train V2 levers measured on small machines (REFERENCE.md). The health-check interval sets
-# what each checkpoint report and the teardown cost (about one interval each), but every poll
+# Ray Train V2 levers measured on a 2-core machine (cold launch ~30 s to the first step). The
+# health-check interval sets what each checkpoint report and the teardown cost (about one interval each), but every poll
 # interrupts every worker: 0.2 s cost 3-5% of steady throughput on 2 cores
 # (scripts/bench_launch.py --variants dt,dt_hc2), Ray's default 2 s makes reports slow; 1 s is
 # the middle. The preemption watcher competes with DDP's first torch._dynamo import. They are

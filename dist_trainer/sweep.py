@@ -1,8 +1,8 @@
 """All-reduce sweeps over message sizes and the ring all-reduce α-β model.
 
 :func:`allreduce_sweep` measures blocking all-reduce times over a range of sizes in an initialized
-process group, :func:`fit_alpha_beta` fits t(S) = α + S·2(n−1)/n / β to them (REFERENCE.md) and
-:func:`plot_sweep` draws both. `dist-trainer bench-comm` (dist_trainer.bench_comm) runs them on
+process group, :func:`fit_alpha_beta` fits the α-β model of ring all-reduce,
+t(S) = α + S·2(n−1)/n / β, to them and :func:`plot_sweep` draws both. `dist-trainer bench-comm` (dist_trainer.bench_comm) runs them on
 the training workers.
 
 Units: bytes, seconds, and GB/s with GB = 1e9 bytes (as nccl-tests reports).

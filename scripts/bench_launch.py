@@ -1,6 +1,6 @@
 """Launch time and steady throughput: dist-trainer against plain PyTorch DDP, same invocation.
 
-One fixed workload, `experiment=bench_mlp` (REFERENCE.md): MLP 784-1024-1024-10, synthetic
+One fixed workload, `experiment=bench_mlp`: MLP 784-1024-1024-10, synthetic
 gaussian data (8192 samples, 10% held out), global batch 256 over 2 workers (gloo, CPU), SGD
 lr 0.01 momentum 0.9, float32. Every step is a full global batch (`trainer.drop_last=true`).
 Variants, each started as a fresh subprocess:
