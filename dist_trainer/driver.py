@@ -75,13 +75,14 @@ def _start_ray_in_background(scaling: Any) -> Future:
 
 
 # Ray Train V2 levers measured on a 2-core machine (cold launch ~30 s to the first step). The
-# health-check interval sets what each checkpoint report and the teardown cost (about one interval each), but every poll
-# interrupts every worker: 0.2 s cost 3-5% of steady throughput on 2 cores
-# (scripts/bench_launch.py --variants dt,dt_hc2), Ray's default 2 s makes reports slow; 1 s is
-# the middle. The preemption watcher competes with DDP's first torch._dynamo import. They are
-# Ray Train's own settings (ray/train/v2/_internal/constants.py; a test checks this Ray still
-# reads them), set only for the job's Ray processes through its runtime environment, never in
-# this process's environment; a value already in the user's environment wins.
+# health-check interval sets what each checkpoint report and the teardown cost (about one
+# interval each), but every poll interrupts every worker: 0.2 s cost 3-5% of steady throughput
+# on 2 cores (scripts/bench_launch.py --variants dt,dt_hc2), Ray's default 2 s makes reports
+# slow; 1 s is the middle. The preemption watcher competes with DDP's first torch._dynamo
+# import. They are Ray Train's own settings (ray/train/v2/_internal/constants.py; a test checks
+# this Ray still reads them), set only for the job's Ray processes through its runtime
+# environment, never in this process's environment; a value already in the user's environment
+# wins.
 RAY_TRAIN_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",

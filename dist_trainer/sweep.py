@@ -2,8 +2,8 @@
 
 :func:`allreduce_sweep` measures blocking all-reduce times over a range of sizes in an initialized
 process group, :func:`fit_alpha_beta` fits the α-β model of ring all-reduce,
-t(S) = α + S·2(n−1)/n / β, to them and :func:`plot_sweep` draws both. `dist-trainer bench-comm` (dist_trainer.bench_comm) runs them on
-the training workers.
+t(S) = α + S·2(n−1)/n / β, to them and :func:`plot_sweep` draws both. `dist-trainer bench-comm`
+(dist_trainer.bench_comm) runs them on the training workers.
 
 Units: bytes, seconds, and GB/s with GB = 1e9 bytes (as nccl-tests reports).
 """
