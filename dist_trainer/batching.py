@@ -28,7 +28,15 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-__all__ = ["BatchPlan", "BatchPlanError", "plan_batches", "nearest_valid_global_batch_sizes"]
+__all__ = [
+    "BatchPlan",
+    "BatchPlanError",
+    "plan_batches",
+    "plan_elastic",
+    "describe_elastic",
+    "elastic_params",
+    "nearest_valid_global_batch_sizes",
+]
 
 
 class BatchPlanError(ValueError):
@@ -211,3 +219,73 @@ def plan_batches(
         "Set trainer.global_batch_size to one of them (or change scaling.num_workers / "
         "trainer.max_micro_batch_size)."
     )
+
+
+def plan_elastic(
+    global_batch_size: int,
+    min_workers: int,
+    max_workers: int,
+    max_micro_batch_size: int | str | None = None,
+) -> dict[int, BatchPlan]:
+    """The plan for every worker count an elastic job may run with (`scaling.num_workers=
+    [min, max]`): after a resize the workers train on the plan for their new count, so the
+    global batch stays exactly the same and only the accumulation changes.
+
+    Raises:
+        BatchPlanError: a count in the range cannot split the global batch well; the message
+            names the counts and the nearest global batch sizes that split over all of them.
+    """
+    if not (isinstance(min_workers, int) and 0 < min_workers <= max_workers):
+        raise BatchPlanError(
+            f"scaling.num_workers=[{min_workers}, {max_workers}] must have 0 < min <= max"
+        )
+    plans: dict[int, BatchPlan] = {}
+    failing: list[int] = []
+    for world_size in range(min_workers, max_workers + 1):
+        try:
+            plans[world_size] = plan_batches(global_batch_size, world_size, max_micro_batch_size)
+        except BatchPlanError:
+            if not (isinstance(global_batch_size, int) and global_batch_size > 0):
+                raise
+            failing.append(world_size)
+    if not failing:
+        return plans
+    cap = None if max_micro_batch_size == "auto" else max_micro_batch_size
+    counts = range(min_workers, max_workers + 1)
+    nearest: list[int] = []
+    distance = 0
+    while len(nearest) < 4 and distance < 64 * global_batch_size:
+        distance += 1
+        for candidate in (global_batch_size - distance, global_batch_size + distance):
+            if candidate >= max_workers and all(_solve(candidate, n, cap) for n in counts):
+                nearest.append(candidate)
+    options = ", ".join(str(g) for g in sorted(nearest[:4]))
+    raise BatchPlanError(
+        f"trainer.global_batch_size={global_batch_size} cannot be split exactly over "
+        f"{', '.join(map(str, failing))} worker(s), and an elastic job "
+        f"(scaling.num_workers=[{min_workers}, {max_workers}]) may run with any count in its "
+        f"range. Nearest global batch sizes that split over every count: {options}. Set "
+        "trainer.global_batch_size to one of them, or narrow scaling.num_workers."
+    )
+
+
+def describe_elastic(plans: dict[int, BatchPlan]) -> str:
+    """What an elastic job's step is at each worker count (from `plan_elastic`)."""
+    counts = sorted(plans)
+    lines = [
+        f"elastic on {counts[0]}-{counts[-1]} workers: the global batch stays "
+        f"{plans[counts[0]].global_batch_size}; the workers re-solve the split at each resize"
+    ]
+    lines += [f"  {n} worker(s): {plans[n].describe()}" for n in counts]
+    return "\n".join(lines)
+
+
+def elastic_params(plans: dict[int, BatchPlan]) -> dict[str, int | str]:
+    """An elastic job's `plan.*` MLflow params: what stays fixed. The split that changes with
+    the worker count is logged as metrics (plan/world_size, plan/accumulation_steps,
+    plan/micro_batch_size) at each (re)start, since a param cannot change once logged."""
+    counts = sorted(plans)
+    return {
+        "plan.global_batch_size": plans[counts[0]].global_batch_size,
+        "plan.world_size": f"{counts[0]}-{counts[-1]}",
+    }

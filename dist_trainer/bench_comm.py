@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from dist_trainer import sweep as comm_sweep
+from dist_trainer.config import ConfigError
 from dist_trainer.run_logger import RunLogger
 from dist_trainer.tracking import BENCH_TAG
 
@@ -117,6 +118,11 @@ def run_bench_comm(cfg: Any) -> str:
 
     prepared = prepare(cfg)
     job = prepared.job
+    if job.scaling.elastic:
+        raise ConfigError(
+            f"scaling.num_workers={job.scaling.num_workers}: bench-comm measures one worker "
+            f"count. Fix: scaling.num_workers={job.scaling.max_workers}"
+        )
     sweep = {
         "min_bytes": job.comm.sweep_min_bytes,
         "max_bytes": job.comm.sweep_max_bytes,

@@ -231,8 +231,16 @@ class OptimConfig:
 class ScalingConfig:
     """Where and on how many workers the job runs (`scaling.*`)."""
 
-    num_workers: int = 2
-    """Data-parallel workers (ranks); one per GPU when GPUs are used."""
+    num_workers: Any = 2
+    """Data-parallel workers (ranks); one per GPU when GPUs are used. A range [min, max] makes
+    the job elastic: Ray Train starts it with as many workers as fit (at least min), grows it
+    when more fit, and shrinks it when a node is lost (with scaling.max_failures); each resize
+    restarts the group from the latest checkpoint and re-solves the batch plan, so the global
+    batch stays what was asked (the run logs plan/world_size and plan/accumulation_steps).
+    Every count in the range must split trainer.global_batch_size exactly."""
+    elastic_resize_interval_s: float = 60.0
+    """Elastic jobs: how often a running job checks whether more workers fit. Ray Train's
+    resource coordinator refreshes what the cluster has every ~20 s on top of this."""
     use_gpu: Any = "auto"
     """auto (GPUs if the cluster has them) | true (require GPUs) | false (CPU workers, gloo)."""
     cpus_per_worker: float = 1.0
@@ -255,9 +263,24 @@ class ScalingConfig:
     and cost more calls."""
 
     def __post_init__(self) -> None:
+        count = self.num_workers
+        if isinstance(count, list | tuple) and len(count) == 2 and count[0] == count[1]:
+            count = count[0]  # [n, n] is n fixed workers
+        is_int = isinstance(count, int) and not isinstance(count, bool)
+        is_range = (
+            isinstance(count, list | tuple)
+            and len(count) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in count)
+        )
         _require(
-            isinstance(self.num_workers, int) and self.num_workers > 0,
-            f"scaling.num_workers must be a positive integer, got {self.num_workers!r}",
+            (is_int and count > 0) or (is_range and 0 < count[0] < count[1]),
+            "scaling.num_workers must be a positive integer or a range [min, max] with "
+            f"0 < min < max (elastic), got {self.num_workers!r}. Fix: scaling.num_workers=2 "
+            "or scaling.num_workers=[1,4]",
+        )
+        self.num_workers = count if is_int else [int(n) for n in count]
+        _require(
+            self.elastic_resize_interval_s > 0, "scaling.elastic_resize_interval_s must be > 0"
         )
         _require(
             self.use_gpu in ("auto", True, False),
@@ -274,6 +297,23 @@ class ScalingConfig:
             self.bucket_cap_mb is None or self.bucket_cap_mb > 0,
             "scaling.bucket_cap_mb must be > 0 or null (DDP's default)",
         )
+
+    @property
+    def elastic(self) -> bool:
+        """Whether num_workers is a range [min, max]."""
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if self.elastic else self.num_workers
+
+    def describe_workers(self) -> str:
+        """'2' or '1-4' (elastic), for names and messages."""
+        return f"{self.min_workers}-{self.max_workers}" if self.elastic else str(self.num_workers)
 
 
 @dataclass

@@ -27,7 +27,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dist_trainer import console, report, tracking
-from dist_trainer.batching import BatchPlan, BatchPlanError, plan_batches
+from dist_trainer.batching import (
+    BatchPlan,
+    BatchPlanError,
+    describe_elastic,
+    elastic_params,
+    plan_batches,
+    plan_elastic,
+)
 from dist_trainer.config import ConfigError, JobConfig, flatten, resolve_config
 from dist_trainer.progress import ProgressReporter
 
@@ -122,9 +129,22 @@ class Prepared:
     """A job that passed every check that needs no Ray cluster."""
 
     job: JobConfig
-    plan: BatchPlan
+    plan: BatchPlan  # elastic jobs: the plan at scaling.num_workers' max
     config: dict[str, Any]  # the resolved config as plain containers
     tracking_uri: str
+    elastic_plans: dict[int, BatchPlan] | None = None  # per worker count, elastic jobs only
+
+    def describe_plan(self) -> str:
+        """What a step is, for the console and the run's description."""
+        if self.elastic_plans:
+            return describe_elastic(self.elastic_plans)
+        return self.plan.describe()
+
+    def plan_params(self) -> dict[str, Any]:
+        """The plan as MLflow params (elastic: only what stays fixed)."""
+        if self.elastic_plans:
+            return elastic_params(self.elastic_plans)
+        return self.plan.as_params()
 
 
 def prepare(cfg: DictConfig | dict, check_store: bool = True) -> Prepared:
@@ -136,10 +156,22 @@ def prepare(cfg: DictConfig | dict, check_store: bool = True) -> Prepared:
             "tracking.uri=none is only for python -m dist_trainer.torchrun; a launched job "
             "logs one MLflow run. Fix: tracking.uri=sqlite:///mlflow.db"
         )
+    scaling, trainer = job.scaling, job.trainer
+    elastic_plans = None
     try:
-        plan = plan_batches(
-            job.trainer.global_batch_size, job.scaling.num_workers, job.trainer.micro_batch_cap
-        )
+        if scaling.elastic:
+            elastic_plans = plan_elastic(
+                trainer.global_batch_size,
+                scaling.min_workers,
+                scaling.max_workers,
+                trainer.micro_batch_cap,
+            )
+            # The plan at full size; workers started with fewer re-solve it (dist_trainer.workers).
+            plan = elastic_plans[scaling.max_workers]
+        else:
+            plan = plan_batches(
+                trainer.global_batch_size, scaling.num_workers, trainer.micro_batch_cap
+            )
     except BatchPlanError as exc:
         raise ConfigError(str(exc)) from None
     uri = tracking.normalize_tracking_uri(job.tracking.uri)
@@ -149,7 +181,7 @@ def prepare(cfg: DictConfig | dict, check_store: bool = True) -> Prepared:
         cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg), resolve=True
     )
     container.pop("hydra", None)
-    return Prepared(job, plan, container, uri)
+    return Prepared(job, plan, container, uri, elastic_plans)
 
 
 def _start_ray(scaling: Any) -> None:
@@ -247,23 +279,28 @@ def _check_resources(job: JobConfig) -> bool:
             "(CPU workers with gloo here) or join a cluster with GPUs (scaling.address=...)"
         )
     use_gpu = scaling.use_gpu is True or (scaling.use_gpu == "auto" and gpus > 0)
-    if use_gpu and scaling.num_workers > gpus:
+    # An elastic job needs room for its minimum now; Ray Train grows it as more fits.
+    workers = scaling.min_workers
+    asked = f"scaling.num_workers={scaling.num_workers}" + (
+        f" (at least {workers})" if scaling.elastic else ""
+    )
+    if use_gpu and workers > gpus:
         raise ConfigError(
-            f"scaling.num_workers={scaling.num_workers} but the cluster has {gpus} GPU(s) and "
-            f"each worker takes one. Fix: scaling.num_workers={gpus}"
+            f"{asked} but the cluster has {gpus} GPU(s) and each worker takes one. "
+            f"Fix: scaling.num_workers={gpus}"
         )
-    needed = scaling.num_workers * scaling.cpus_per_worker
+    needed = workers * scaling.cpus_per_worker
     if needed > cpus:
         fit = int(cpus // scaling.cpus_per_worker)
         raise ConfigError(
-            f"scaling.num_workers={scaling.num_workers} x scaling.cpus_per_worker="
-            f"{scaling.cpus_per_worker} needs {needed:g} CPUs but the cluster has {cpus:g}. "
+            f"{asked} x scaling.cpus_per_worker={scaling.cpus_per_worker} needs {needed:g} "
+            f"CPUs but the cluster has {cpus:g}. "
             f"Fix: scaling.num_workers={max(1, fit)} or lower scaling.cpus_per_worker"
         )
     for name, amount in scaling.resources_per_worker.items():
-        if scaling.num_workers * amount > resources.get(name, 0):
+        if workers * amount > resources.get(name, 0):
             raise ConfigError(
-                f"scaling.resources_per_worker.{name}={amount} x {scaling.num_workers} workers "
+                f"scaling.resources_per_worker.{name}={amount} x {workers} workers "
                 f"exceeds the cluster's {resources.get(name, 0):g}. Fix: lower it or drop it"
             )
     return use_gpu
@@ -302,7 +339,8 @@ def _run_name(prepared: Prepared) -> str:
     model = str(job.model["_target_"]).rsplit(".", 1)[-1]
     data = str(job.data["_target_"]).rsplit(".", 1)[-1]
     # What differs between runs first: the UI cuts names at ~18 characters.
-    return f"batch={job.trainer.global_batch_size} workers={job.scaling.num_workers} {model} {data}"
+    workers = job.scaling.describe_workers()
+    return f"batch={job.trainer.global_batch_size} workers={workers} {model} {data}"
 
 
 @dataclass
@@ -348,12 +386,21 @@ def run_group(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    scaling = job.scaling
+    elastic = (
+        {
+            "num_workers": (scaling.min_workers, scaling.max_workers),
+            "elastic_resize_monitor_interval_s": scaling.elastic_resize_interval_s,
+        }
+        if scaling.elastic
+        else {"num_workers": scaling.num_workers}
+    )
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config={**worker_config, "tracking_uri": tracking_uri},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=job.scaling.num_workers,
+            **elastic,
             use_gpu=use_gpu,
             resources_per_worker={
                 "CPU": job.scaling.cpus_per_worker,
@@ -486,13 +533,15 @@ def create_job_run(
     tags: dict[str, str] | None = None,
 ) -> str:
     """The job's one MLflow run: the whole resolved config and the plan as params."""
-    plan = prepared.plan
-    plan_text = "\n".join([plan.describe(), *(f"{k}: {v}" for k, v in plan.as_params().items())])
+    plan, plan_params = prepared.plan, prepared.plan_params()
+    plan_text = "\n".join(
+        [prepared.describe_plan(), *(f"{k}: {v}" for k, v in plan_params.items())]
+    )
     from dist_trainer.build import scaled_lr
 
     params = {
         **flatten(prepared.config),
-        **plan.as_params(),
+        **plan_params,
         "optim.peak_lr": scaled_lr(prepared.job.optim, plan.global_batch_size),
         "scaling.resolved_use_gpu": cluster.use_gpu,
     }
@@ -534,7 +583,7 @@ def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
     t_start = time.perf_counter()
     prepared = prepare(cfg)
     job, plan, uri = prepared.job, prepared.plan, prepared.tracking_uri
-    print(f"[dist-trainer] {plan.describe()}", flush=True)
+    print(f"[dist-trainer] {prepared.describe_plan()}", flush=True)
     check_user_code(prepared)
     from dist_trainer.warm import run_in_service  # `dist-trainer cluster up`'s warm group
 
@@ -552,12 +601,12 @@ def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
     config = {"jobs": [job_payload(prepared, run_id)]}
     result = _run_and_finish(job, train_fn, config, run_id, uri, cluster.use_gpu, reporter)
     metrics = tracking.latest_metrics(uri, run_id)
-    text = tracking.plan_text(uri, run_id, plan.describe())
+    text = tracking.plan_text(uri, run_id, prepared.describe_plan())
     tracking.set_description(uri, run_id, tracking.describe_job(text, metrics))
     elapsed = time.perf_counter() - t_start
-    summary = report.comm_summary(
-        uri, run_id, plan.world_size, "nccl" if cluster.use_gpu else "gloo"
-    )
+    # An elastic job's comm figures compare against the size it finished with.
+    world_size = int(metrics.get("plan/world_size", plan.world_size))
+    summary = report.comm_summary(uri, run_id, world_size, "nccl" if cluster.use_gpu else "gloo")
     if summary is not None:
         tracking.log_text(uri, run_id, summary.to_markdown(), "comm_summary.md")
     ProgressReporter(uri, run_id).summary(

@@ -36,6 +36,13 @@ twice; their metrics are logged once:
   each checkpoint's step, `checkpoint/load_s` at the step a resumed attempt starts from.
 - `perf/elapsed_s` and `val/elapsed_s` continue from the checkpoint's value: training time to
   reach the step, without the work lost to the failure or the restart.
+
+An elastic resize (`scaling.num_workers=[min, max]`) is such a restart with another world size:
+the plan is re-solved for it (same global batch, other accumulation), and nothing in the
+checkpoint depends on the world size (the data order depends only on (seed, epoch); optimizer
+state is the same on every rank), so the job still ends with the weights of a run that never
+resized. The split is logged as `plan/world_size`, `plan/accumulation_steps` and
+`plan/micro_batch_size` at step 0 and at the step of each resize.
 """
 
 from __future__ import annotations
@@ -189,6 +196,7 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self._elapsed_before = 0.0  # training seconds before the checkpoint this run resumed
+        self._resumed_world_size: int | None = None  # the world size of the checkpoint resumed from
         self._fit_started: float | None = None
         self.clock = StepClock(self.device)
         self.probe = comm.ExposedCommProbe(
@@ -393,6 +401,7 @@ class Trainer:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "elapsed_s": self.elapsed_s(),
+            "world_size": self.plan.world_size,
         }
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
@@ -407,6 +416,7 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.step_in_epoch = state["step_in_epoch"]
         self._elapsed_before = state.get("elapsed_s", 0.0)
+        self._resumed_world_size = state.get("world_size", self.plan.world_size)
 
     def checkpoint(self, metrics: dict[str, float]) -> None:
         """Save a checkpoint at this step (every rank: the sink may be a barrier); rank 0 logs
@@ -452,6 +462,15 @@ class Trainer:
         self._resume()
         if self.info.rank == 0:
             self.logger.log_params(self._run_params())
+        if self._resumed_world_size != self.plan.world_size:  # a fresh start or an elastic resize
+            if self._resumed_world_size is not None and self.info.rank == 0:
+                log.info(
+                    "resized from %d to %d workers: %s",
+                    self._resumed_world_size,
+                    self.plan.world_size,
+                    self.plan.describe(),
+                )
+            self.logger.log_metrics(self._plan_metrics(), step=self.step)
         if self.sampler_gpu:
             self.sampler_gpu.start()
         elif self.job.telemetry.enabled and self.info.rank == 0:
@@ -524,6 +543,13 @@ class Trainer:
         if self.auto_batch is not None:  # the driver logged a provisional plan without these
             params.update(self.auto_batch.as_params())
         return params
+
+    def _plan_metrics(self) -> dict[str, float]:
+        return {
+            "plan/world_size": self.plan.world_size,
+            "plan/accumulation_steps": self.plan.accumulation_steps,
+            "plan/micro_batch_size": self.plan.micro_batch_size,
+        }
 
     def log_final_weights(self) -> None:
         """Rank 0: the trained weights as an MLflow artifact (model/state_dict.pt)."""

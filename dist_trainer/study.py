@@ -116,13 +116,14 @@ class StudyJob:
         """Jobs with equal keys can share one worker group."""
         s = self.prepared.job.scaling
         return (
-            s.num_workers,
+            s.describe_workers(),
             s.use_gpu,
             s.cpus_per_worker,
             tuple(sorted(s.resources_per_worker.items())),
             s.placement_strategy,
             s.address,
             s.max_failures,
+            s.elastic_resize_interval_s,
             s.storage_path,
         )
 

@@ -13,6 +13,10 @@ job was running, the jobs before it are done, and that one resumes, in its own M
 steps it replays since the checkpoint are not logged twice (dist_trainer.loop's docstring).
 Ray Train kills the old group's workers before it starts the new one, so the old rank 0's logger
 writes nothing once the new one has read what the run holds.
+
+An elastic job (`scaling.num_workers=[min, max]`) resizes the same way: Ray Train stops the
+group and starts one of the new size, which resumes from the latest checkpoint with the plan
+re-solved for its world size; the run records each start's split as plan/* metrics.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ import torch
 from ray.train.torch import get_device
 
 from dist_trainer import tracking
-from dist_trainer.batching import BatchPlan
-from dist_trainer.config import ConfigError, resolve_config
+from dist_trainer.batching import BatchPlan, plan_batches
+from dist_trainer.config import ConfigError, JobConfig, resolve_config
 from dist_trainer.loop import WorkerInfo, run_training
 
 __all__ = ["RayCheckpointSink", "train_fn"]
@@ -102,6 +106,15 @@ def _placement(rank: int) -> tuple[int, int]:
     return list(dict.fromkeys(nodes)).index(mine), nodes[:rank].count(mine)
 
 
+def _plan_for(plan: BatchPlan, world_size: int, job: JobConfig) -> BatchPlan:
+    """The driver's plan, re-solved for the workers Ray Train started: an elastic job
+    (`scaling.num_workers=[min, max]`) may run with any count in its range, and after a resize
+    the same global batch is split over the new count (the driver checked every count)."""
+    if plan.world_size == world_size:
+        return plan
+    return plan_batches(plan.global_batch_size, world_size, job.trainer.micro_batch_cap)
+
+
 def train_fn(config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point: `config["jobs"]` in order, from the driver."""
     context = ray.train.get_context()
@@ -121,9 +134,10 @@ def train_fn(config: dict[str, Any]) -> None:
     start = run_ids.index(resumed) if resumed in run_ids else 0
     for job in jobs[start:]:
         try:
+            config = resolve_config(job["job"])
             run_training(
-                resolve_config(job["job"]),
-                BatchPlan(**job["plan"]),
+                config,
+                _plan_for(BatchPlan(**job["plan"]), info.world_size, config),
                 info,
                 tracking_uri=uri,
                 run_id=job["run_id"],

@@ -75,3 +75,21 @@ class DiesOnceMLP(MLP):
         import torch.distributed as dist
 
         return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class SlowAloneMLP(MLP):
+    """An MLP whose training forward sleeps `delay_s` while it trains alone (world size 1), so
+    an elastic job started on one worker runs long enough for Ray Train to notice a node added
+    meanwhile and grow the group; once resized it runs at full speed."""
+
+    def __init__(self, delay_s: float = 0.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.delay_s = delay_s
+
+    def forward(self, x):
+        if self.training and not x.is_meta and self.delay_s and DiesOnceMLP._my_rank() == 0:
+            import torch.distributed as dist
+
+            if not dist.is_initialized() or dist.get_world_size() == 1:
+                time.sleep(self.delay_s)
+        return super().forward(x)

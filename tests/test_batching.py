@@ -7,8 +7,11 @@ import pytest
 from dist_trainer.batching import (
     BatchPlan,
     BatchPlanError,
+    describe_elastic,
+    elastic_params,
     nearest_valid_global_batch_sizes,
     plan_batches,
+    plan_elastic,
 )
 
 
@@ -132,3 +135,47 @@ def test_auto_plan_after_agreement_says_what_fits():
 def test_a_cap_that_is_not_an_integer_is_refused(cap):
     with pytest.raises(BatchPlanError, match="trainer.max_micro_batch_size must be"):
         plan_batches(64, 2, cap)
+
+
+@pytest.mark.parametrize(
+    ("global_batch", "low", "high", "cap", "accum_by_count"),
+    [
+        (64, 1, 2, 16, {1: 4, 2: 2}),
+        (64, 1, 4, 16, None),  # 3 workers cannot split 64
+        (60, 1, 4, 16, {1: 4, 2: 2, 3: 2, 4: 1}),
+        (64, 2, 4, 32, None),
+        (48, 2, 4, None, {2: 1, 3: 1, 4: 1}),
+        (128, 4, 8, 8, None),  # 5, 6, 7 cannot split 128
+        (840, 1, 8, 64, {1: 14, 2: 7, 3: 5, 4: 5, 5: 3, 6: 4, 7: 2, 8: 3}),
+    ],
+)
+def test_elastic_plan_table(global_batch, low, high, cap, accum_by_count):
+    """A plan for every count of the range with the same global batch, or a refusal whose
+    proposed global batches split over every count."""
+    if accum_by_count is None:
+        with pytest.raises(BatchPlanError) as info:
+            plan_elastic(global_batch, low, high, cap)
+        message = str(info.value)
+        failing = [n for n in range(low, high + 1) if global_batch % n]
+        assert f"over {', '.join(map(str, failing))} worker(s)" in message
+        proposed = [int(g) for g in message.split("every count: ")[1].split(".")[0].split(", ")]
+        assert len(proposed) == 4
+        for candidate in proposed:
+            plan_elastic(candidate, low, high, cap)  # each proposal works
+        return
+    plans = plan_elastic(global_batch, low, high, cap)
+    assert sorted(plans) == list(range(low, high + 1))
+    for count, plan in plans.items():
+        assert plan.world_size == count and plan.global_batch_size == global_batch
+        assert plan.micro_batch_size * plan.accumulation_steps * count == global_batch
+        assert plan.accumulation_steps == accum_by_count[count]
+
+
+def test_elastic_plan_description_and_params():
+    plans = plan_elastic(64, 1, 2, 16)
+    text = describe_elastic(plans)
+    assert text.splitlines()[0].startswith("elastic on 1-2 workers: the global batch stays 64")
+    assert "micro-batch 16 x 4 accumulation step(s) x 1 worker(s)" in text
+    assert elastic_params(plans) == {"plan.global_batch_size": 64, "plan.world_size": "1-2"}
+    auto = plan_elastic(64, 1, 2, "auto")
+    assert all(p.provisional for p in auto.values())

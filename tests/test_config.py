@@ -74,6 +74,12 @@ def test_unknown_group_option_lists_the_choices():
         ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
         ("trainer.precision=float16", "trainer.precision"),
         ("scaling.num_workers=0", "scaling.num_workers"),
+        ("scaling.num_workers=[2,1]", "scaling.num_workers"),
+        ("scaling.num_workers=[0,2]", "scaling.num_workers"),
+        ("scaling.num_workers=[1,2,4]", "scaling.num_workers"),
+        ("scaling.num_workers=[1,two]", "scaling.num_workers"),
+        ("scaling.num_workers=true", "scaling.num_workers"),
+        ("scaling.elastic_resize_interval_s=0", "scaling.elastic_resize_interval_s"),
         ("scaling.use_gpu=maybe", "scaling.use_gpu"),
         ("scaling.placement_strategy=RANDOM", "scaling.placement_strategy"),
         ("optim.lr_scaling=cubic", "optim.lr_scaling"),
@@ -88,6 +94,21 @@ def test_unknown_group_option_lists_the_choices():
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         resolve_config(load_config([override]))
+
+
+@pytest.mark.parametrize(
+    ("override", "workers", "elastic", "low", "high", "text"),
+    [
+        ("scaling.num_workers=3", 3, False, 3, 3, "3"),
+        ("scaling.num_workers=[1,4]", [1, 4], True, 1, 4, "1-4"),
+        ("scaling.num_workers=[2,2]", 2, False, 2, 2, "2"),  # a range of one count is fixed
+    ],
+)
+def test_num_workers_is_a_count_or_an_elastic_range(override, workers, elastic, low, high, text):
+    scaling = resolve_config(load_config([override])).scaling
+    assert scaling.num_workers == workers and scaling.elastic is elastic
+    assert (scaling.min_workers, scaling.max_workers) == (low, high)
+    assert scaling.describe_workers() == text
 
 
 def test_type_errors_name_the_key():
