@@ -5,6 +5,7 @@
     dist-trainer bench-comm [hydra overrides]   all-reduce sweep on the training worker set-up
     dist-trainer report --experiment NAME       plots and findings of a study, from MLflow
     dist-trainer cluster up|status|down         a local Ray head + warm worker group for train
+    dist-trainer resume RUN_ID                  a new driver for a job whose driver died
 
 Each verb is a Hydra app over conf/, so overrides, `-m` sweeps and `--cfg job` work the same
 everywhere. `train(cfg)` itself lives in dist_trainer.driver; this module only parses and
@@ -39,6 +40,7 @@ verbs:
   cluster      up|status|down: a local Ray head and a warm worker group that `train` jobs from
                this folder run in, one after another (cluster --help)
   submit       run a job on a Ray cluster through its job server (submit --help)
+  resume RUN_ID  continue a job whose driver died, from its latest checkpoint, in its run
   import-metrics FILE: write what a job could not send to MLflow (outputs/unsent_metrics/)
 
 --verbose shows Ray's and MLflow's own lines too (otherwise in the log file it names).
@@ -122,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
 
         register_configs()
         return submit_main(rest)
+    if verb == "resume":
+        from dist_trainer.resume import main as resume_main
+
+        return resume_main(rest)
     if verb == "import-metrics":
         from dist_trainer.run_logger import import_metrics_main
 

@@ -475,7 +475,7 @@ def _run_and_finish(
     if reporter is not None:
         reporter.start()
     try:
-        result = run_group(job, worker_fn, worker_config, f"dist_trainer-{run_id}", uri, use_gpu)
+        result = run_group(job, worker_fn, worker_config, ray_train_run_name(run_id), uri, use_gpu)
         status = "FINISHED"
         return result
     except KeyboardInterrupt:
@@ -488,6 +488,17 @@ def _run_and_finish(
         if reporter is not None:
             reporter.stop()
         tracking.finish_job_run(uri, run_id, status, error)
+
+
+def ray_train_run_name(run_id: str) -> str:
+    """The Ray Train run (its folder under scaling.storage_path) of MLflow run `run_id`."""
+    return f"dist_trainer-{run_id}"
+
+
+def driver_tag() -> str:
+    """`host:pid` of this driver, a job run's DRIVER_TAG: resume refuses to take over a run
+    whose driver still runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _config_error_in(exc: BaseException) -> ConfigError | None:
@@ -550,7 +561,12 @@ def create_job_run(
         cluster.experiment_id,
         run_name,
         params,
-        {**_tags(prepared), tracking.ROLE_TAG: "job", **(tags or {})},
+        {
+            **_tags(prepared),
+            tracking.ROLE_TAG: "job",
+            tracking.DRIVER_TAG: driver_tag(),
+            **(tags or {}),
+        },
         {
             "config.yaml": OmegaConf.to_yaml(OmegaConf.create(prepared.config)),
             "batch_plan.txt": plan_text + "\n",
@@ -582,7 +598,7 @@ def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
     """Run one training job end to end and return its result (raises ConfigError on bad input)."""
     t_start = time.perf_counter()
     prepared = prepare(cfg)
-    job, plan, uri = prepared.job, prepared.plan, prepared.tracking_uri
+    job = prepared.job
     print(f"[dist-trainer] {prepared.describe_plan()}", flush=True)
     check_user_code(prepared)
     from dist_trainer.warm import run_in_service  # `dist-trainer cluster up`'s warm group
@@ -590,13 +606,25 @@ def train(cfg: DictConfig | dict, show_progress: bool = True) -> JobResult:
     warm = run_in_service(prepared, t_start, show_progress)
     if warm is not None:
         return warm
-    from dist_trainer.workers import train_fn
-
     cluster = start_cluster(prepared)
     run_id = create_job_run(prepared, cluster, _run_name(prepared))
     print(
         f"[dist-trainer] MLflow run {run_id} in experiment '{job.tracking.experiment}'", flush=True
     )
+    return train_in_run(prepared, cluster, run_id, t_start, show_progress)
+
+
+def train_in_run(
+    prepared: Prepared, cluster: Cluster, run_id: str, t_start: float, show_progress: bool = True
+) -> JobResult:
+    """Run the job into its MLflow run (new, or resumed by dist_trainer.resume), then give the
+    run its description, communication summary and the terminal its summary.
+
+    The Ray Train run is named after the MLflow run, so a driver started again for the same
+    run (dist-trainer resume) finds the checkpoints of the one that died."""
+    from dist_trainer.workers import train_fn
+
+    job, plan, uri = prepared.job, prepared.plan, prepared.tracking_uri
     reporter = ProgressReporter(uri, run_id, enabled=show_progress)
     config = {"jobs": [job_payload(prepared, run_id)]}
     result = _run_and_finish(job, train_fn, config, run_id, uri, cluster.use_gpu, reporter)

@@ -44,6 +44,7 @@ from dist_trainer.tracking import (
     _logged_steps,
     normalize_tracking_uri,
     redact_params,
+    redact_uri,
 )
 
 __all__ = [
@@ -271,7 +272,7 @@ class RunLogger(NullLogger):
             log.warning(
                 "MLflow at %s was unreachable: %d metric points/params of run %s are in %s "
                 "(host %s); import them with: dist-trainer import-metrics %s",
-                _URI_USERINFO.sub(r"\g<scheme>***@", self.uri),
+                redact_uri(self.uri),
                 self.unsent,
                 self.run_id,
                 self.fallback_path,

@@ -27,6 +27,10 @@ from dist_trainer.config import ConfigError
 __all__ = [
     "BENCH_TAG",
     "ROLE_TAG",
+    "DRIVER_TAG",
+    "redact_uri",
+    "RESUMES_TAG",
+    "WORKER_GROUP_TAG",
     "check_tracking_uri",
     "finish_job_run",
     "normalize_tracking_uri",
@@ -51,6 +55,11 @@ _MAX_PARAM_LENGTH = 6000
 
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential|auth)", re.I)
 _URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^@/\s]+)@", re.I)
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` fit to print: credentials (user:password@) masked."""
+    return _URI_USERINFO.sub(r"\g<scheme>***@", uri)
 
 
 def normalize_tracking_uri(uri: str) -> str:
@@ -81,7 +90,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
             with urllib.request.urlopen(health, timeout=timeout_s) as response:
                 response.read()
         except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as exc:
-            shown = _URI_USERINFO.sub(r"\g<scheme>***@", uri)
+            shown = redact_uri(uri)
             raise ConfigError(
                 f"tracking.uri={shown!r} is unreachable ({getattr(exc, 'reason', exc)}). "
                 "Fix: start the server (mlflow server --port 5000) or use "
@@ -117,6 +126,12 @@ def _client(uri: str):
 # no reader has to import the writer (report -> bench_comm -> driver was a circle).
 ROLE_TAG = "dist_trainer.role"
 """`study` (a study's parent run) or `job` (a training job's run)."""
+DRIVER_TAG = "dist_trainer.driver"
+"""`host:pid` of the process that drives a job run (dist-trainer resume checks it)."""
+WORKER_GROUP_TAG = "dist_trainer.worker_group"
+"""`warm` on a job run that ran in the warm group of `dist-trainer cluster up`."""
+RESUMES_TAG = "dist_trainer.resumes"
+"""How many times `dist-trainer resume` took a job run over from a driver that died."""
 BENCH_TAG = "dist_trainer.kind"
 """`bench-comm` on an all-reduce sweep's run."""
 

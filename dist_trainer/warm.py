@@ -290,7 +290,7 @@ def _run_warm(prepared, state, queue, experiment_id, view, t_start, show_progres
     use_gpu = bool(view["group"].get("use_gpu", False))
     cluster = driver.Cluster(use_gpu, experiment_id)
     run_id = driver.create_job_run(
-        prepared, cluster, driver._run_name(prepared), {"dist_trainer.worker_group": "warm"}
+        prepared, cluster, driver._run_name(prepared), {tracking.WORKER_GROUP_TAG: "warm"}
     )
     _say(f"MLflow run {run_id} in experiment '{job.tracking.experiment}'")
     pids = ", ".join(str(w["pid"]) for w in view["group"].get("workers", {}).values())

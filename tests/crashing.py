@@ -93,3 +93,17 @@ class SlowAloneMLP(MLP):
             if not dist.is_initialized() or dist.get_world_size() == 1:
                 time.sleep(self.delay_s)
         return super().forward(x)
+
+
+class SlowMLP(MLP):
+    """An MLP whose training forward sleeps `delay_s` on every rank: a job long enough to kill
+    its driver mid-run."""
+
+    def __init__(self, delay_s: float = 0.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.delay_s = delay_s
+
+    def forward(self, x):
+        if self.training and not x.is_meta and self.delay_s:
+            time.sleep(self.delay_s)
+        return super().forward(x)
