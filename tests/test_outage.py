@@ -77,15 +77,45 @@ def _new_run(uri: str) -> str:
     return client.create_run(experiment_id).info.run_id
 
 
-def _log_steps(logger: RunLogger, steps: range, pause_s: float) -> float:
-    """Log each step's metrics like a training loop; return the slowest log call's seconds."""
+def _log_steps(logger: RunLogger, steps: range, pause_s: float, mirror=None) -> float:
+    """Log each step's metrics like a training loop; return the slowest log call's seconds.
+    `mirror(metrics, step)` logs the same points another way (not timed)."""
     slowest = 0.0
     for step in steps:
+        metrics = {"train/loss": 1.0 / step, "perf/step_time_s": 0.01 * step}
         t0 = time.monotonic()
-        logger.log_metrics({"train/loss": 1.0 / step, "perf/step_time_s": 0.01 * step}, step)
+        logger.log_metrics(metrics, step)
         slowest = max(slowest, time.monotonic() - t0)
+        if mirror is not None:
+            mirror(metrics, step)
         time.sleep(pause_s)
     return slowest
+
+
+class _MlflowAsync:
+    """The same points through MLflow's own asynchronous logging (`log_batch(...,
+    synchronous=False)`), into a run of their own: what RunLogger would do if it used it."""
+
+    def __init__(self, uri: str, experiment_id: str) -> None:
+        self.client = MlflowClient(uri)
+        self.run_id = self.client.create_run(experiment_id).info.run_id
+        self.operations: list = []
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        points = [Metric(k, v, now_ms, step) for k, v in metrics.items()]
+        self.operations.append(self.client.log_batch(self.run_id, points, synchronous=False))
+
+    def failed_batches(self) -> int:
+        failed = 0
+        for operation in self.operations:
+            try:
+                operation.wait()
+            except Exception:  # noqa: BLE001 - the batch's own error: it was not written
+                failed += 1
+        return failed
 
 
 def _assert_every_step_once(uri: str, run_id: str, n: int) -> None:
@@ -118,13 +148,16 @@ def test_server_restart_mid_run_delivers_every_step_once(server, tmp_path):
         retry_max_s=2,
         fallback_dir=unsent,
     )
+    mlflow_async = _MlflowAsync(
+        server.uri, MlflowClient(server.uri).get_run(run_id).info.experiment_id
+    )
     logger.log_params({"plan.total_steps": 40})
-    slowest = _log_steps(logger, range(1, 11), 0.05)
+    slowest = _log_steps(logger, range(1, 11), 0.05, mlflow_async)
     _wait_delivered(server.uri, run_id, 10)
     server.stop()  # the outage: training goes on
-    slowest = max(slowest, _log_steps(logger, range(11, 26), 0.1))
+    slowest = max(slowest, _log_steps(logger, range(11, 26), 0.1, mlflow_async))
     server.start()  # back on the same port and store (~20 s to come up)
-    slowest = max(slowest, _log_steps(logger, range(26, 41), 0.1))
+    slowest = max(slowest, _log_steps(logger, range(26, 41), 0.1, mlflow_async))
     logger.log_params({"plan.finished": True})
     logger.close()  # waits for the server, which is back within flush_timeout_s
 
@@ -133,6 +166,15 @@ def test_server_restart_mid_run_delivers_every_step_once(server, tmp_path):
     _assert_every_step_once(server.uri, run_id, 40)
     params = MlflowClient(server.uri).get_run(run_id).data.params
     assert params == {"plan.total_steps": "40", "plan.finished": "True"}
+
+    # Why RunLogger does not hand its writes to MLflow's asynchronous logging: a batch that
+    # fails there (after MLflow's own HTTP retries) is reported and dropped, not kept for later.
+    # The day this fails, MLflow keeps points through an outage and RunLogger can use it.
+    failed = mlflow_async.failed_batches()
+    history = MlflowClient(server.uri).get_metric_history(mlflow_async.run_id, "train/loss")
+    delivered = {m.step for m in history}
+    assert failed > 0 and len(delivered) == 40 - failed, (failed, sorted(delivered))
+    print(f"MLflow async logging: {failed} of 40 batches lost in the outage; RunLogger: 0")
 
 
 @pytest.mark.slow
