@@ -134,10 +134,10 @@ def train_fn(config: dict[str, Any]) -> None:
     start = run_ids.index(resumed) if resumed in run_ids else 0
     for job in jobs[start:]:
         try:
-            config = resolve_config(job["job"])
+            job_config = resolve_config(job["job"])
             run_training(
-                config,
-                _plan_for(BatchPlan(**job["plan"]), info.world_size, config),
+                job_config,
+                _plan_for(BatchPlan(**job["plan"]), info.world_size, job_config),
                 info,
                 tracking_uri=uri,
                 run_id=job["run_id"],
