@@ -141,6 +141,11 @@ def resume(
     """Drive job run `run_id` to its end from its latest checkpoint (the module docstring)."""
     t_start = time.perf_counter()
     uri = tracking.normalize_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise ConfigError(
+            f"no MLflow store at {uri}. Fix: run dist-trainer resume in the folder the job ran "
+            "in, or pass --tracking-uri (the store the job logged to)"
+        )
     tracking.check_tracking_uri(uri)
     client = tracking._client(uri)
     try:

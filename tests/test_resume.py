@@ -75,6 +75,10 @@ def test_resume_refuses_an_unknown_run_and_changes_to_what_the_job_computes(stor
     uri, experiment_id = store
     with pytest.raises(ConfigError, match="no run 0123abc in .*Fix: --tracking-uri"):
         resume("0123abc", uri, show_progress=False)
+    missing = uri.replace("mlflow.db", "elsewhere.db")
+    with pytest.raises(ConfigError, match="no MLflow store at .*elsewhere.db. Fix: "):
+        resume("0123abc", missing, show_progress=False)
+    assert not Path(missing[len("sqlite:///") :]).exists()  # and none was made
     dead_driver = {tracking.DRIVER_TAG: f"{socket.gethostname()}:999999999"}
     run_id = _job_run(uri, experiment_id, dead_driver)
     with pytest.raises(ConfigError, match="'optim.lr=1.0': a resumed job keeps the config"):
