@@ -92,7 +92,7 @@ def _start_ray(state: dict[str, Any], folder: Path, cpus: int | None) -> subproc
     ]
     if cpus is not None:
         args.append(f"--num-cpus={cpus}")
-    from dist_trainer.driver import RAY_TRAIN_ENV
+    from dist_trainer.ray_cluster import RAY_TRAIN_ENV
 
     env = {**os.environ, **RAY_TRAIN_ENV, **state["env"]}
     env.pop("RAY_ADDRESS", None)

@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 
 from dist_trainer import driver, tracking
 from dist_trainer.config import ConfigError
+from dist_trainer.ray_cluster import start_cluster
 
 __all__ = ["RESUMABLE_KEYS", "main", "resume"]
 
@@ -159,7 +160,7 @@ def resume(
     prepared = driver.prepare(_logged_config(uri, run_id, list(overrides or [])))
     print(f"[dist-trainer] {prepared.describe_plan()}", flush=True)
     print(f"[dist-trainer] {_checkpoint_note(prepared, run_id)}", flush=True)
-    cluster = driver.start_cluster(prepared)
+    cluster = start_cluster(prepared.job, prepared.tracking_uri)
     resumes = int(run.data.tags.get(tracking.RESUMES_TAG, "0")) + 1
     client.set_tag(run_id, tracking.DRIVER_TAG, driver.driver_tag())
     client.set_tag(run_id, tracking.RESUMES_TAG, str(resumes))

@@ -373,16 +373,15 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from dist_trainer import driver
+    from dist_trainer.ray_cluster import RAY_DRIVER_ENV, RAY_TRAIN_ENV
 
-    for key, value in {**driver.RAY_DRIVER_ENV, "RAY_AUTH_MODE": state["auth_mode"]}.items():
+    for key, value in {**RAY_DRIVER_ENV, "RAY_AUTH_MODE": state["auth_mode"]}.items():
         os.environ.setdefault(key, value)
     ray.init(
         address=state["address"],
         namespace=NAMESPACE,
         log_to_driver=True,
-        runtime_env={
-            "env_vars": {k: os.environ.get(k, v) for k, v in driver.RAY_TRAIN_ENV.items()}
-        },
+        runtime_env={"env_vars": {k: os.environ.get(k, v) for k, v in RAY_TRAIN_ENV.items()}},
     )
     # Owned by this process (not detached): when the service ends, so does its queue.
     queue = (

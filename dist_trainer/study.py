@@ -168,6 +168,7 @@ def run_study(overrides: list[str], show_progress: bool = True) -> StudyResult:
     """Run every job of the sweep in `overrides`; the parent run summarizes them."""
     from dist_trainer import driver
     from dist_trainer.progress import ProgressReporter
+    from dist_trainer.ray_cluster import start_cluster
     from dist_trainer.workers import train_fn
 
     started = time.perf_counter()
@@ -192,7 +193,7 @@ def run_study(overrides: list[str], show_progress: bool = True) -> StudyResult:
                 f"{job.name}: a study logs into one MLflow experiment; tracking.uri and "
                 "tracking.experiment must not be swept. Fix: run separate sweeps"
             )
-    cluster = driver.start_cluster(first)
+    cluster = start_cluster(first.job, first.tracking_uri)
     sweep_text = " ".join(o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept)
     names = _short_keys(swept)
     short_text = " ".join(

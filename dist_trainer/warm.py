@@ -285,10 +285,11 @@ def _run_warm(prepared, state, queue, experiment_id, view, t_start, show_progres
     from dist_trainer import driver, report, tracking
     from dist_trainer.config import ConfigError
     from dist_trainer.progress import ProgressReporter
+    from dist_trainer.ray_cluster import Cluster
 
     job, plan, uri = prepared.job, prepared.plan, prepared.tracking_uri
     use_gpu = bool(view["group"].get("use_gpu", False))
-    cluster = driver.Cluster(use_gpu, experiment_id)
+    cluster = Cluster(use_gpu, experiment_id)
     run_id = driver.create_job_run(
         prepared, cluster, driver._run_name(prepared), {tracking.WORKER_GROUP_TAG: "warm"}
     )

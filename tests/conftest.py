@@ -10,7 +10,7 @@ import pytest
 import torch.distributed as dist
 
 from dist_trainer.config import load_config, resolve_config
-from dist_trainer.driver import RAY_ENV_DEFAULTS
+from dist_trainer.ray_cluster import RAY_ENV_DEFAULTS
 
 # Fast Ray Train health checks and teardown, set before any raylet starts (workers inherit it).
 for _key, _value in {**RAY_ENV_DEFAULTS, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}.items():

@@ -150,7 +150,7 @@ def test_ray_train_still_reads_the_settings_we_give_it():
     import ray._private.ray_constants as ray_constants
     import ray.train.v2._internal.constants as train_constants
 
-    from dist_trainer.driver import RAY_DRIVER_ENV, RAY_TRAIN_ENV
+    from dist_trainer.ray_cluster import RAY_DRIVER_ENV, RAY_TRAIN_ENV
 
     train_source = inspect.getsource(train_constants)
     for name in RAY_TRAIN_ENV:
@@ -160,7 +160,7 @@ def test_ray_train_still_reads_the_settings_we_give_it():
 
 
 def test_storage_path_uris_pass_as_given(tmp_path, monkeypatch):
-    from dist_trainer.driver import storage_path
+    from dist_trainer.ray_cluster import storage_path
 
     assert storage_path("s3://bucket/runs") == "s3://bucket/runs"
     assert storage_path("gs://b/p") == "gs://b/p"
@@ -180,7 +180,7 @@ def test_storage_path_uris_pass_as_given(tmp_path, monkeypatch):
     ],
 )
 def test_a_file_store_is_refused_for_a_cluster_of_machines(uri, nodes, refused):
-    from dist_trainer.driver import file_store_conflict
+    from dist_trainer.ray_cluster import file_store_conflict
 
     problem = file_store_conflict(uri, nodes, "10.0.0.1")
     assert (problem is not None) == refused

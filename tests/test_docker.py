@@ -26,7 +26,7 @@ import yaml
 
 from dist_trainer import cli
 from dist_trainer.config import ScalingConfig, TrackingConfig, load_config, resolve_config
-from dist_trainer.driver import file_store_conflict
+from dist_trainer.ray_cluster import file_store_conflict
 from dist_trainer.tracking import normalize_tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
