@@ -29,6 +29,7 @@ __all__ = [
     "file_store_conflict",
     "start_cluster",
     "storage_path",
+    "use_ray_token_if_there_is_one",
 ]
 
 
@@ -82,6 +83,7 @@ def _start_ray(scaling: Any) -> None:
         os.environ.setdefault(key, value)
     if scaling.address and scaling.address != "auto":
         _check_reachable(scaling.address)
+        use_ray_token_if_there_is_one()
     if ray.is_initialized():  # already started in this process (tests, notebooks)
         return
     console.quiet_libraries()
@@ -104,6 +106,24 @@ def _start_ray(scaling: Any) -> None:
             "start it (ray start --head) and pass its address, or drop scaling.address to run "
             "on a local cluster"
         ) from None
+
+
+def use_ray_token_if_there_is_one() -> None:
+    """Ray's clusters require a token by default. `ray start` and `ray.init(address="auto")`
+    pick up the token they find, but a client given an address (ray.init("host:port"), the
+    job client) sends one only in token mode: set it, as Ray's own CLI would, when there is a
+    token and the user has not chosen a mode."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return  # the user chose
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH", str(Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or Path(token_file).is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:  # Ray caches its config at import: refresh it, as ray.init does for a token
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except (ImportError, AttributeError):
+            pass
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from dist_trainer.config import CONF_DIR, ConfigError
+from dist_trainer.ray_cluster import use_ray_token_if_there_is_one
 
 __all__ = ["main", "runtime_env", "submit"]
 
@@ -103,7 +104,7 @@ def submit(address: str, overrides: list[str], follow: bool = False, working_dir
     entrypoint = " ".join(
         ["python", "-m", "dist_trainer.cli", "train", *(_quote(o) for o in overrides)]
     )
-    _use_token_if_there_is_one()
+    use_ray_token_if_there_is_one()
     try:
         client = JobSubmissionClient(address)
     except Exception as exc:  # noqa: BLE001 - Ray's connection errors vary by version
@@ -146,22 +147,6 @@ def submit(address: str, overrides: list[str], follow: bool = False, working_dir
             print(f"  {line}", file=sys.stderr)
         return 1
     return 0
-
-
-def _use_token_if_there_is_one() -> None:
-    """Ray's clusters require a token by default; `ray start`/`ray.init` pick up a token they
-    find, but the job client only sends one in token mode. Do as Ray's own CLI would."""
-    if os.environ.get("RAY_AUTH_MODE") is not None:
-        return  # the user chose
-    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH", str(Path.home() / ".ray" / "auth_token"))
-    if os.environ.get("RAY_AUTH_TOKEN") or Path(token_file).is_file():
-        os.environ["RAY_AUTH_MODE"] = "token"
-        try:  # Ray caches its config at import: refresh it, as ray.init does for a token
-            from ray._raylet import Config
-
-            Config.initialize("")
-        except (ImportError, AttributeError):
-            pass
 
 
 def _quote(override: str) -> str:

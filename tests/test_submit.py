@@ -10,6 +10,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -53,10 +54,17 @@ def test_submit_refuses_bad_input_before_submitting(tmp_path):
     assert proc.stderr.startswith("dist-trainer: config error: trainer.global_batch_size=255")
 
 
-@pytest.fixture
+@dataclass
+class _Head:
+    job_server: str  # http://127.0.0.1:<dashboard port>, for submit
+    gcs: str  # 127.0.0.1:<port>, for scaling.address
+
+
+@pytest.fixture(scope="module")
 def ray_head():
     """A Ray head with its job server on 127.0.0.1, in its own process group and temp dir, on
-    free ports (the test session's own cluster may hold Ray's default ones)."""
+    free ports (the test session's own cluster may hold Ray's default ones); token
+    authentication on, Ray's default."""
     ports = {name: free_port() for name in ("gcs", "dashboard", "agent", "grpc", "client", "env")}
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths are long
     head = subprocess.Popen(
@@ -89,7 +97,7 @@ def ray_head():
                 if time.monotonic() > deadline or head.poll() is not None:
                     raise RuntimeError("the Ray head did not come up") from None
                 time.sleep(1)
-        yield address
+        yield _Head(address, f"127.0.0.1:{ports['gcs']}")
     finally:
         os.killpg(head.pid, signal.SIGKILL)  # the head and every process it started
         head.wait(timeout=30)
@@ -105,7 +113,7 @@ def test_submit_runs_the_job_on_the_head_and_logs_one_run(ray_head, tmp_path):
     for _ in range(3):  # the head's job agent may need a few more seconds after its API is up
         proc = subprocess.run(
             [
-                CLI, "submit", "--address", ray_head,
+                CLI, "submit", "--address", ray_head.job_server,
                 "trainer.max_epochs=1",
                 f"tracking.uri=sqlite:///{store}",
                 f"scaling.storage_path={tmp_path / 'ray_storage'}",
@@ -127,3 +135,26 @@ def test_submit_runs_the_job_on_the_head_and_logs_one_run(ray_head, tmp_path):
     assert f"MLflow run {run.info.run_id}" in proc.stdout
     assert run.info.status == "FINISHED" and "val/loss" in run.data.metrics
     print(f"submit to result: {time.perf_counter() - started:.1f} s")
+
+
+@pytest.mark.slow
+def test_train_joins_a_head_by_its_address(ray_head, tmp_path):
+    """`dist-trainer train scaling.address=HOST:PORT` against `ray start --head` (token auth on):
+    the driver sends the token Ray's CLI left in ~/.ray, as with `scaling.address=auto`."""
+    store = tmp_path / "mlflow.db"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)
+    proc = subprocess.run(
+        [CLI, "train", f"scaling.address={ray_head.gcs}", "trainer.max_epochs=1",
+         f"tracking.uri=sqlite:///{store}", f"scaling.storage_path={tmp_path / 'ray_storage'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{store}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED" and "val/loss" in run.data.metrics
