@@ -23,9 +23,9 @@ is the plan it trains with.
 
 Faults (a worker dies, Ray Train restarts the group, `scaling.max_failures`): the job resumes
 from its latest checkpoint (model, optimizer, scheduler, GradScaler, step, epoch, position in the
-epoch; the data order depends only on (seed, epoch)), so it ends at the same step with the same
-weights as a run without the failure. The steps between that checkpoint and the failure run
-twice; their metrics are logged once:
+epoch, every rank's random generators for dropout; the data order depends only on (seed,
+epoch)), so it ends at the same step with the same weights as a run without the failure. The
+steps between that checkpoint and the failure run twice; their metrics are logged once:
 - The first attempt's points stand. On resume, rank 0's logger reads the last step the run holds
   per metric key and drops points at steps up to it (dist_trainer.run_logger.RunLogger.resume):
   the replay fills in only what never reached the store.
@@ -51,6 +51,8 @@ import contextlib
 import gc
 import logging
 import os
+import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -78,7 +80,7 @@ from dist_trainer.run_logger import NullLogger, RunLogger, SystemMetrics
 from dist_trainer.sampling import GlobalBatchSampler, shard_for_rank
 from dist_trainer.tasks import OutputShapeError, check_outputs, loss_sums
 
-__all__ = ["Trainer", "WorkerInfo", "run_training"]
+__all__ = ["Trainer", "WorkerInfo", "rng_state", "run_training", "set_rng_state"]
 
 log = logging.getLogger(__name__)
 
@@ -407,6 +409,16 @@ class Trainer:
             state["grad_scaler"] = self.scaler.state_dict()
         return state
 
+    def _gather_rng_states(self) -> list[dict[str, Any]] | None:
+        """Every rank's random generators (dropout masks; a dataset's own draws are seeded per
+        batch by dist_trainer.loading), on rank 0 for its checkpoint; None on the other ranks."""
+        mine = rng_state(self.device)
+        if not self.distributed:
+            return [mine]
+        states: list[Any] | None = [None] * self.info.world_size if self.info.rank == 0 else None
+        dist.gather_object(mine, states, dst=0)
+        return states
+
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -417,12 +429,23 @@ class Trainer:
         self.step_in_epoch = state["step_in_epoch"]
         self._elapsed_before = state.get("elapsed_s", 0.0)
         self._resumed_world_size = state.get("world_size", self.plan.world_size)
+        rng = state.get("rng")
+        if rng is not None and len(rng) == self.info.world_size:
+            # Each rank draws on where it stopped, as if the job had never stopped.
+            set_rng_state(rng[self.info.rank], self.device)
+        elif rng is not None and self.info.rank == 0:
+            log.info(
+                "resized from %d to %d ranks: dropout and other model randomness draw anew",
+                len(rng),
+                self.info.world_size,
+            )
 
     def checkpoint(self, metrics: dict[str, float]) -> None:
         """Save a checkpoint at this step (every rank: the sink may be a barrier); rank 0 logs
         what it cost as `checkpoint/save_s`. Call it at most once per step."""
         started = time.perf_counter()
-        state = self.state() if self.info.rank == 0 else None
+        rng = self._gather_rng_states()  # a collective: every rank
+        state = {**self.state(), "rng": rng} if self.info.rank == 0 else None
         self.sink.save(state, {"step": self.step, **metrics}, self.step)
         self._last_checkpoint = self.step
         save_s = time.perf_counter() - started
@@ -559,6 +582,29 @@ class Trainer:
         path = os.path.join(folder, "state_dict.pt")
         torch.save(self.model.state_dict(), path)
         self.logger.log_artifact(path, "model")  # the logger thread reads it before close()
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random generators: torch's (CPU, and the device's on CUDA), Python's, and
+    NumPy's when it is loaded."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        state["numpy"] = numpy.random.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    numpy = sys.modules.get("numpy")
+    if "numpy" in state and numpy is not None:
+        numpy.random.set_state(state["numpy"])
 
 
 def run_training(

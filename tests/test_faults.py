@@ -240,3 +240,82 @@ def test_killed_worker_resumes_the_same_run_logging_every_step_once(ray_cluster,
     flat_ref = torch.cat([reference[k].flatten() for k in reference])
     rel_error = ((flat - flat_ref).norm() / flat_ref.norm()).item()
     assert rel_error < FLOAT64_TOLERANCE, f"relative error {rel_error:.3g}"
+
+
+# Dropout draws from each rank's generators: a resumed job restores them from the checkpoint.
+DROPOUT = [*JOB, "model.dropout=0.3", "model.hidden_sizes=[32,32]"]
+
+
+def test_a_resumed_job_with_dropout_ends_with_the_weights_of_one_that_never_failed(tmp_path):
+    """Crashed in step 14, resumed from step 10: the dropout masks drawn after the resume are
+    those the uninterrupted run drew (the checkpoint holds the generators)."""
+    # The marker (tmp_path) exists: this run never crashes.
+    straight = Trainer(
+        job_config(*DROPOUT, f"+model.marker={tmp_path}", "+model.crash_at_call=1"),
+        plan_batches(64, 1),
+        CPU,
+    )  # fmt: skip (the marker exists: never crashes)
+    straight.fit()
+    faulted = [*DROPOUT, f"+model.marker={tmp_path / 'crashed'}", "+model.crash_at_call=15"]
+    sink = LocalCheckpointSink(tmp_path / "ckpt")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        Trainer(job_config(*faulted), plan_batches(64, 1), CPU, sink=sink).fit()
+    resumed = Trainer(job_config(*faulted), plan_batches(64, 1), CPU, sink=sink)
+    resumed.fit()
+    assert resumed.step == straight.step == 24
+    for name, tensor in straight.model.state_dict().items():
+        torch.testing.assert_close(
+            resumed.model.state_dict()[name], tensor, rtol=0, atol=FLOAT64_TOLERANCE
+        )
+
+
+def _dropout_ranks(rank: int, port: int, overrides: list[str], folder: str, out: str) -> None:
+    """2 DDP ranks: the job straight, then stopped at step 11 (its checkpoint) and resumed."""
+    import gc
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    info = WorkerInfo(rank, 2, rank, 0, torch.device("cpu"))
+    plan = plan_batches(64, 2)
+    runs = []
+    try:
+        straight = Trainer(job_config(*overrides), plan, info)
+        straight.fit()
+        sink = LocalCheckpointSink(folder)
+        Trainer(job_config(*overrides, "trainer.max_steps=11"), plan, info, sink=sink).fit()
+        resumed = Trainer(job_config(*overrides), plan, info, sink=sink)
+        resumed.fit()
+        runs = [straight, resumed]
+        if rank == 0:
+            torch.save([r.model.state_dict() for r in runs] + [resumed.step], out)
+    finally:
+        del runs
+        gc.collect()  # DDP models alive at exit can make gloo abort (pytorch#179291)
+        dist.destroy_process_group()
+
+
+def test_each_rank_resumes_its_own_dropout_draws(tmp_path):
+    """2 DDP ranks draw different dropout masks; each rank's generators are in the checkpoint,
+    so the resumed job ends with the weights of the run that never stopped."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    overrides = [
+        "trainer.precision=64",
+        "trainer.global_batch_size=64",
+        "trainer.max_epochs=3",
+        "optim=adam",  # a constant lr: stopping at step 11 changes no schedule
+        "model.dropout=0.3",
+        "model.hidden_sizes=[32,32]",
+    ]
+    out = tmp_path / "out.pt"
+    mp.spawn(_dropout_ranks, args=(free_port(), overrides, str(tmp_path / "ckpt"), str(out)),
+             nprocs=2)  # fmt: skip
+    straight, resumed, steps = torch.load(out, weights_only=False)
+    assert steps == 24
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=FLOAT64_TOLERANCE)
