@@ -416,7 +416,10 @@ class Trainer:
         if not self.distributed:
             return [mine]
         states: list[Any] | None = [None] * self.info.world_size if self.info.rank == 0 else None
-        dist.gather_object(mine, states, dst=0)
+        # NCCL moves the pickled objects through the *current* CUDA device: make it this rank's.
+        cuda = self.device.type == "cuda"
+        with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
+            dist.gather_object(mine, states, dst=0)
         return states
 
     def load_state(self, state: dict[str, Any]) -> None:
