@@ -1,4 +1,5 @@
-"""Where checkpoints go: the interface the loop uses, and a local-folder implementation.
+"""Where checkpoints go: the interface the loop uses, a local-folder implementation, and the
+random generator states a checkpoint carries.
 
 The Ray implementation (checkpoints through `ray.train.report`) is in dist_trainer.workers, so
 the loop never imports Ray.
@@ -7,12 +8,14 @@ the loop never imports Ray.
 from __future__ import annotations
 
 import os
+import random
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-__all__ = ["CheckpointSink", "LocalCheckpointSink"]
+__all__ = ["CheckpointSink", "LocalCheckpointSink", "rng_state", "set_rng_state"]
 
 
 class CheckpointSink(Protocol):
@@ -44,3 +47,26 @@ class LocalCheckpointSink:
         tmp = self.folder / "latest.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(self.folder / "latest.pt")  # atomic: a crash never leaves half a checkpoint
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random generators: torch's (CPU, and the device's on CUDA), Python's, and
+    NumPy's when it is loaded."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        state["numpy"] = numpy.random.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    numpy = sys.modules.get("numpy")
+    if "numpy" in state and numpy is not None:
+        numpy.random.set_state(state["numpy"])

@@ -51,8 +51,6 @@ import contextlib
 import gc
 import logging
 import os
-import random
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -71,7 +69,7 @@ from dist_trainer.build import (
     build_optimizer,
     build_scheduler,
 )
-from dist_trainer.checkpoint import CheckpointSink, LocalCheckpointSink
+from dist_trainer.checkpoint import CheckpointSink, LocalCheckpointSink, rng_state, set_rng_state
 from dist_trainer.config import ConfigError, JobConfig, Precision
 from dist_trainer.loading import BatchFeed, FedStep
 from dist_trainer.metrics import IntervalMetrics, StepClock
@@ -80,7 +78,7 @@ from dist_trainer.run_logger import NullLogger, RunLogger, SystemMetrics
 from dist_trainer.sampling import GlobalBatchSampler, shard_for_rank
 from dist_trainer.tasks import OutputShapeError, check_outputs, loss_sums
 
-__all__ = ["Trainer", "WorkerInfo", "rng_state", "run_training", "set_rng_state"]
+__all__ = ["Trainer", "WorkerInfo", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -585,29 +583,6 @@ class Trainer:
         path = os.path.join(folder, "state_dict.pt")
         torch.save(self.model.state_dict(), path)
         self.logger.log_artifact(path, "model")  # the logger thread reads it before close()
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """This process's random generators: torch's (CPU, and the device's on CUDA), Python's, and
-    NumPy's when it is loaded."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        state["numpy"] = numpy.random.get_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    """Restore what `rng_state` saved."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    numpy = sys.modules.get("numpy")
-    if "numpy" in state and numpy is not None:
-        numpy.random.set_state(state["numpy"])
 
 
 def run_training(
