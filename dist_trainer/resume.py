@@ -187,8 +187,11 @@ def main(argv: list[str]) -> int:
     )
     args, overrides = parser.parse_known_args(argv)
     try:
-        result = resume(args.run_id, args.tracking_uri, overrides, args.force)
+        resume(args.run_id, args.tracking_uri, overrides, args.force)
     except ConfigError as exc:
         print(f"dist-trainer: config error: {exc}", file=sys.stderr)
         return 2
-    return 0 if result.run_id else 1
+    except Exception as exc:  # noqa: BLE001 - the run holds the error (its `error` tag)
+        print(f"dist-trainer: the job failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
