@@ -192,6 +192,7 @@ def main(argv: list[str]) -> int:
         print(f"dist-trainer: config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the run holds the error (its `error` tag)
-        print(f"dist-trainer: the job failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        print(f"dist-trainer: the job failed: {type(exc).__name__}: {first_line}", file=sys.stderr)
         return 1
     return 0
