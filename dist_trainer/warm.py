@@ -179,17 +179,15 @@ def mismatch(job: Any, group: dict[str, Any], env: dict[str, Any]) -> str | None
     return None
 
 
-def _fits(job: Any) -> bool:
-    """Whether the service cluster's free resources can place the job's own worker group."""
-    import ray
-
-    free = ray.available_resources()
+def fits(job: Any, free: dict[str, float]) -> bool:
+    """Whether `free` resources (the service cluster's) can place the job's own worker group."""
     s = job.scaling
-    if free.get("CPU", 0.0) + 1e-9 < s.num_workers * s.cpus_per_worker:
+    workers = s.min_workers  # an elastic job starts with what fits, from its minimum
+    if free.get("CPU", 0.0) + 1e-9 < workers * s.cpus_per_worker:
         return False
-    if s.use_gpu is True and free.get("GPU", 0.0) < s.num_workers:
+    if s.use_gpu is True and free.get("GPU", 0.0) < workers:
         return False
-    return all(free.get(k, 0.0) >= s.num_workers * v for k, v in s.resources_per_worker.items())
+    return all(free.get(k, 0.0) >= workers * v for k, v in s.resources_per_worker.items())
 
 
 def _join_for_own_group(prepared: Any, state: dict[str, Any], reason: str, joined: bool) -> None:
@@ -198,10 +196,10 @@ def _join_for_own_group(prepared: Any, state: dict[str, Any], reason: str, joine
     import ray
 
     job = prepared.job
-    fits = _fits(job)
+    room = fits(job, ray.available_resources())
     if joined:
         ray.shutdown()
-    if fits:
+    if room:
         _apply_env(state)  # the driver joins this head below: it needs the same mode
         job.scaling.address = f"{state['host']}:{state['port']}"
         prepared.config.setdefault("scaling", {})["address"] = job.scaling.address

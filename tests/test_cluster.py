@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dist_trainer.service import JobQueue, forget_user_modules
-from dist_trainer.warm import mismatch
+from dist_trainer.warm import fits, mismatch
 from tests.conftest import free_port, job_config
 
 CLI = str(Path(sys.executable).with_name("dist-trainer"))
@@ -50,6 +50,7 @@ def test_which_jobs_the_warm_group_takes(tmp_path, monkeypatch):
     assert mismatch(job_config("scaling.use_gpu=false"), group, env) is None
     cases = {
         ("scaling.num_workers=1",): "scaling.num_workers=1 (the warm group has 2)",
+        ("scaling.num_workers=[1,2]",): "scaling.num_workers=[1, 2] (the warm group has 2)",
         ("scaling.cpus_per_worker=0.5",): "scaling.cpus_per_worker=0.5",
         ("scaling.use_gpu=true",): "the warm group is on CPU",
         ("+scaling.resources_per_worker.memory=1e9",): "scaling.resources_per_worker",
@@ -61,6 +62,22 @@ def test_which_jobs_the_warm_group_takes(tmp_path, monkeypatch):
         assert found is not None and reason in found, (overrides, found)
     assert "PYTHONPATH" in mismatch(job_config(), group, {**env, "pythonpath": "/else"})
     assert "working folder" in mismatch(job_config(), group, {**env, "workdir": "/else"})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "free", "room"),
+    [
+        (["scaling.num_workers=2"], {"CPU": 2.0}, True),
+        (["scaling.num_workers=2"], {"CPU": 1.0}, False),
+        (["scaling.num_workers=[1,2]"], {"CPU": 1.0}, True),  # elastic: its minimum fits
+        (["scaling.num_workers=[2,4]"], {"CPU": 1.0}, False),
+        (["scaling.num_workers=1", "scaling.use_gpu=true"], {"CPU": 4.0}, False),
+        (["scaling.num_workers=1", "+scaling.resources_per_worker.memory=2e9"],
+         {"CPU": 4.0, "memory": 1e9}, False),
+    ],
+)  # fmt: skip
+def test_whether_a_job_has_room_for_its_own_group_beside_the_warm_one(overrides, free, room):
+    assert fits(job_config(*overrides), free) is room
 
 
 def test_every_rank_runs_the_same_sequence_of_jobs():
