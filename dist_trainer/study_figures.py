@@ -120,6 +120,10 @@ def run_figures(run: dict[str, Any], target: float | None) -> RunFigures:
     def values(key: str) -> list[float]:
         return [v for _, v in metrics.get(key, ()) if math.isfinite(v)]
 
+    def last(key: str) -> int | None:
+        found = values(key)
+        return int(found[-1]) if found else None
+
     gb = _int(params, "trainer.global_batch_size", "plan.global_batch_size")
     train, val = values("train/loss"), values("val/loss")
     final_train, final_val = (train[-1] if train else None), (val[-1] if val else None)
@@ -142,9 +146,10 @@ def run_figures(run: dict[str, Any], target: float | None) -> RunFigures:
         name=run.get("name") or run["run_id"][:8],
         status=run.get("status", "FINISHED"),
         global_batch=gb,
-        workers=_int(params, "plan.world_size", "scaling.num_workers"),
-        micro_batch=_int(params, "plan.micro_batch_size"),
-        accumulation=_int(params, "plan.accumulation_steps"),
+        # An elastic job's split is in plan/* metrics (its params say "1-2"): the one it ended on.
+        workers=_int(params, "plan.world_size", "scaling.num_workers") or last("plan/world_size"),
+        micro_batch=_int(params, "plan.micro_batch_size") or last("plan/micro_batch_size"),
+        accumulation=_int(params, "plan.accumulation_steps") or last("plan/accumulation_steps"),
         peak_lr=_peak_lr(params, gb),
         samples_per_s=_median_after_warmup(values("perf/samples_per_s")),
         final_train_loss=final_train,

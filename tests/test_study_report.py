@@ -344,3 +344,18 @@ def test_run_figures_on_plain_data():
     assert run_figures(run, None).peak_lr == 0.3 and run_figures(run, None).steps_to_target is None
     failed = _run(16, val=[(1, 0.01)], status="FAILED")
     assert default_target([BASE, run, failed]) == 0.3
+
+
+def test_an_elastic_run_counts_with_the_split_it_ended_on():
+    """Its params hold only what stays fixed (plan.world_size=1-2); plan/* metrics the rest."""
+    run = _run(64, sps=(1, 100, 100), val=[(8, 0.4)], elapsed=[(8, 1.0)])
+    run["params"].update({"plan.world_size": "1-2", "scaling.num_workers": "[1, 2]"})
+    run["metrics"].update(
+        {
+            "plan/world_size": [(0, 1.0), (4, 2.0)],
+            "plan/micro_batch_size": [(0, 16.0), (4, 16.0)],
+            "plan/accumulation_steps": [(0, 4.0), (4, 2.0)],
+        }
+    )
+    fig = run_figures(run, None)
+    assert (fig.workers, fig.micro_batch, fig.accumulation) == (2, 16, 2)
