@@ -42,6 +42,10 @@ METRICS = (
     "comm/fraction",
     "mem/peak_rss_bytes_max",
     "mem/peak_allocated_bytes_max",
+    # An elastic job's split, per (re)start.
+    "plan/world_size",
+    "plan/micro_batch_size",
+    "plan/accumulation_steps",
 )
 
 
