@@ -59,3 +59,50 @@ def job_overrides(tmp_path: Path, *extra: str) -> list[str]:
 def job_config(*overrides: str):
     """A composed and checked JobConfig."""
     return resolve_config(load_config(list(overrides)))
+
+
+def metric_histories(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of a run as its (step, value) points."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    return {
+        key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+        for key in client.get_run(run_id).data.metrics
+    }
+
+
+def assert_logged_weights_equal(uri: str, run_id: str, reference: dict, folder: Path, tol: float):
+    """The run's `model/state_dict.pt` artifact equals `reference` to relative error `tol`."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    path = MlflowClient(uri).download_artifacts(run_id, "model/state_dict.pt", str(folder))
+    weights = torch.load(Path(path), weights_only=True)
+    assert weights.keys() == reference.keys()
+    flat = torch.cat([weights[k].flatten() for k in reference])
+    flat_ref = torch.cat([reference[k].flatten() for k in reference])
+    rel_error = ((flat - flat_ref).norm() / flat_ref.norm()).item()
+    assert rel_error < tol, f"relative error {rel_error:.3g}"
+
+
+def run_cluster_job(module: str, tmp_path: Path, overrides: list[str], timeout_s: int) -> dict:
+    """Run `python -m <module> tmp_path *overrides` (a script that starts its own simulated Ray
+    cluster) and return the JSON of its last `RESULT ` line."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": _ROOT, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, str(tmp_path), *overrides],
+        cwd=_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :])

@@ -5,10 +5,7 @@ step once, and ends with the weights of a run that never resized (float64)."""
 from __future__ import annotations
 
 import gc
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,14 @@ from dist_trainer.config import ConfigError, load_config
 from dist_trainer.loop import Trainer, WorkerInfo
 from dist_trainer.run_logger import RunLogger
 from dist_trainer.tracking import normalize_tracking_uri, prepare_store, start_job_run
-from tests.conftest import free_port, job_config, job_overrides
+from tests.conftest import (
+    assert_logged_weights_equal,
+    free_port,
+    job_config,
+    job_overrides,
+    metric_histories,
+    run_cluster_job,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = WorkerInfo(0, 1, 0, 0, torch.device("cpu"))
@@ -40,14 +44,6 @@ JOB = [
     "model.hidden_sizes=[16]",
     "optim=adam",
 ]
-
-
-def _histories(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    client = MlflowClient(uri)
-    return {
-        key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
-        for key in client.get_run(run_id).data.metrics
-    }
 
 
 def _params(model: torch.nn.Module) -> torch.Tensor:
@@ -110,7 +106,7 @@ def test_resize_from_one_to_two_workers_keeps_the_global_batch_and_the_weights(t
     rel_error = ((resized["params"] - expected).norm() / expected.norm()).item()
     assert rel_error < FLOAT64_TOLERANCE, f"relative error {rel_error:.3g}"
 
-    got = _histories(uri, run_id)
+    got = metric_histories(uri, run_id)
     for key, points in got.items():
         steps = [s for s, _ in points]
         assert steps == sorted(set(steps)), f"{key}: steps {steps}"
@@ -153,19 +149,7 @@ def test_an_elastic_job_grows_when_a_node_joins(tmp_path):
         "model._target_=tests.crashing.SlowAloneMLP",
         "+model.delay_s=0.25",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.elastic_job", str(tmp_path), *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=500,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT ") :])
+    result = run_cluster_job("tests.elastic_job", tmp_path, overrides, timeout_s=500)
     assert "error" not in result, result["error"]
     uri, run_id = result["tracking_uri"], result["run_id"]
     client = MlflowClient(uri)
@@ -174,7 +158,7 @@ def test_an_elastic_job_grows_when_a_node_joins(tmp_path):
     assert runs[0].info.status == "FINISHED"
     assert runs[0].data.params["plan.world_size"] == "1-2"
 
-    got = _histories(uri, run_id)
+    got = metric_histories(uri, run_id)
     for key, points in got.items():
         steps = [s for s, _ in points]
         assert steps == sorted(set(steps)), f"{key}: steps {steps}"
@@ -187,10 +171,6 @@ def test_an_elastic_job_grows_when_a_node_joins(tmp_path):
     assert max(s for s, _ in got["train/loss"]) == 96
 
     reference = _reference([*overrides[:-1], "+model.delay_s=0"])
-    weights_file = client.download_artifacts(run_id, "model/state_dict.pt", str(tmp_path))
-    weights = torch.load(Path(weights_file), weights_only=True)
-    state = reference.model.state_dict()
-    flat = torch.cat([weights[k].flatten() for k in state])
-    flat_ref = torch.cat([state[k].flatten() for k in state])
-    rel_error = ((flat - flat_ref).norm() / flat_ref.norm()).item()
-    assert rel_error < FLOAT64_TOLERANCE, f"relative error {rel_error:.3g}"
+    assert_logged_weights_equal(
+        uri, run_id, reference.model.state_dict(), tmp_path, FLOAT64_TOLERANCE
+    )

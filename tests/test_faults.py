@@ -5,7 +5,6 @@ the step and with the weights of a run that never failed (float64)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from dist_trainer.tracking import (
     prepare_store,
     start_job_run,
 )
-from tests.conftest import job_config, job_overrides
+from tests.conftest import assert_logged_weights_equal, job_config, job_overrides, metric_histories
 
 CPU = WorkerInfo(0, 1, 0, 0, torch.device("cpu"))
 # breast_cancer: 455 training samples, 8 steps of 64 per epoch, 24 steps in 3 epochs. Logs every
@@ -37,14 +36,6 @@ JOB = [
 # Metrics that depend only on the data and the weights: equal to float64 precision.
 EXACT = ("train/loss", "train/accuracy", "train/lr", "train/epoch", "val/loss", "val/accuracy")
 FLOAT64_TOLERANCE = 1e-12
-
-
-def _histories(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    client = MlflowClient(uri)
-    return {
-        key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
-        for key in client.get_run(run_id).data.metrics
-    }
 
 
 def _assert_each_step_once(histories: dict[str, list[tuple[int, float]]]) -> None:
@@ -117,7 +108,7 @@ def test_resumed_run_logs_every_step_once_and_ends_like_an_uninterrupted_run(
 
     # Every step once per series, and the same series as the run that never failed: the
     # replay filled in what the first attempt had not logged and dropped what it had.
-    got, want = _histories(uri, run_id), _histories(uri, straight_run)
+    got, want = metric_histories(uri, run_id), metric_histories(uri, straight_run)
     _assert_each_step_once(got)
     _assert_each_step_once(want)
     assert got.pop("checkpoint/load_s")[0][0] == resumes_at
@@ -157,7 +148,7 @@ def test_resumed_logger_only_appends_per_key(store):
     second.close()  # no "Changing param values is not allowed"
     assert second.dropped == 8 + 3 + 1
 
-    history = _histories(uri, run_id)
+    history = metric_histories(uri, run_id)
     _assert_each_step_once(history)
     assert history["train/loss"] == [(s, float(s)) for s in range(1, 11)] + [
         (11, -11.0),
@@ -215,7 +206,7 @@ def test_killed_worker_resumes_the_same_run_logging_every_step_once(ray_cluster,
     runs = client.search_runs(experiments)
     assert [r.info.run_id for r in runs] == [result.run_id]
     assert runs[0].info.status == "FINISHED"
-    got = _histories(result.tracking_uri, result.run_id)
+    got = metric_histories(result.tracking_uri, result.run_id)
     _assert_each_step_once(got)  # train/*, val/*, perf/*, comm/*, mem/*, checkpoint/*, system/*
     assert any(key.startswith("system/") for key in got), sorted(got)
     assert [s for s, _ in got["checkpoint/load_s"]] == [10]
@@ -232,14 +223,13 @@ def test_killed_worker_resumes_the_same_run_logging_every_step_once(ray_cluster,
         assert [s for s, _ in got[key]] == [s for s, _ in recorder.points[key]], key
         for (step, value), (_, expected) in zip(got[key], recorder.points[key], strict=True):
             assert math.isclose(value, expected, rel_tol=1e-9, abs_tol=1e-12), (key, step)
-    weights_file = client.download_artifacts(result.run_id, "model/state_dict.pt", str(tmp_path))
-    weights = torch.load(Path(weights_file), weights_only=True)
-    reference = straight.model.state_dict()
-    assert weights.keys() == reference.keys()
-    flat = torch.cat([weights[k].flatten() for k in reference])
-    flat_ref = torch.cat([reference[k].flatten() for k in reference])
-    rel_error = ((flat - flat_ref).norm() / flat_ref.norm()).item()
-    assert rel_error < FLOAT64_TOLERANCE, f"relative error {rel_error:.3g}"
+    assert_logged_weights_equal(
+        result.tracking_uri,
+        result.run_id,
+        straight.model.state_dict(),
+        tmp_path,
+        FLOAT64_TOLERANCE,
+    )
 
 
 # Dropout draws from each rank's generators: a resumed job restores them from the checkpoint.

@@ -21,7 +21,7 @@ from dist_trainer.config import ConfigError
 from dist_trainer.loop import Trainer, WorkerInfo
 from dist_trainer.resume import resume
 from dist_trainer.tracking import normalize_tracking_uri, prepare_store, start_job_run
-from tests.conftest import job_config
+from tests.conftest import assert_logged_weights_equal, job_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("dist-trainer"))
@@ -161,11 +161,6 @@ def test_a_killed_driver_is_resumed_into_the_same_run(tmp_path):
         WorkerInfo(0, 1, 0, 0, torch.device("cpu")),
     )
     reference.fit()
-    weights = torch.load(
-        client.download_artifacts(run_id, "model/state_dict.pt", str(tmp_path)), weights_only=True
+    assert_logged_weights_equal(
+        uri, run_id, reference.model.state_dict(), tmp_path, FLOAT64_TOLERANCE
     )
-    state = reference.model.state_dict()
-    flat = torch.cat([weights[k].flatten() for k in state])
-    flat_ref = torch.cat([state[k].flatten() for k in state])
-    rel_error = ((flat - flat_ref).norm() / flat_ref.norm()).item()
-    assert rel_error < FLOAT64_TOLERANCE, f"relative error {rel_error:.3g}"
