@@ -342,7 +342,6 @@ class AutoMicroBatch:
         """MLflow params of the outcome (`plan.*`)."""
         return {
             "plan.auto_micro_batch_size": self.agreed,
-            "plan.auto_probe_s": round(self.seconds, 4),
             "plan.micro_batch_size": self.plan.micro_batch_size,
             "plan.accumulation_steps": self.plan.accumulation_steps,
         }

@@ -182,10 +182,13 @@ def run_group(
     """One Ray Train `fit()`: one worker group for `job.scaling` running `worker_fn`.
 
     `worker_fn` receives `worker_config` plus `tracking_uri`. Raises ConfigError when a worker
-    found the user's mistake (one line), else Ray Train's own error.
+    found the user's mistake (one line), else Ray Train's own error. Each time Ray Train sees
+    the workers fail, the running job's run records why (dist_trainer.attempts).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dist_trainer.ray_callbacks import FailureRecorder
 
     scaling = job.scaling
     elastic = (
@@ -214,6 +217,9 @@ def run_group(
             storage_path=storage_path(job.scaling.storage_path),
             failure_config=FailureConfig(max_failures=job.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[FailureRecorder(tracking_uri, _run_ids(worker_config))]
+            if tracking_uri
+            else [],
         ),
     )
     try:
@@ -223,6 +229,14 @@ def run_group(
         if user_error is not None:
             raise user_error from exc
         raise
+
+
+def _run_ids(worker_config: dict[str, Any]) -> list[str]:
+    """The MLflow runs a worker group's config trains: its jobs', or the one run's."""
+    jobs = worker_config.get("jobs") or []
+    if jobs:
+        return [job["run_id"] for job in jobs]
+    return [worker_config["run_id"]] if worker_config.get("run_id") else []
 
 
 def _error_text(exc: BaseException) -> str:
@@ -439,7 +453,11 @@ def train_in_run(
     if summary is not None:
         tracking.log_text(uri, run_id, summary.to_markdown(), "comm_summary.md")
     ProgressReporter(uri, run_id).summary(
-        metrics, elapsed, summary, tracking.ui_url(uri, cluster.experiment_id, run_id)
+        metrics,
+        elapsed,
+        summary,
+        tracking.ui_url(uri, cluster.experiment_id, run_id),
+        tracking.run_notes(uri, run_id),
     )
     checkpoint = result.checkpoint.path if result.checkpoint else None
     return JobResult(

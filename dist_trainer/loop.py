@@ -26,9 +26,13 @@ from its latest checkpoint (model, optimizer, scheduler, GradScaler, step, epoch
 epoch, every rank's random generators for dropout; the data order depends only on (seed,
 epoch)), so it ends at the same step with the same weights as a run without the failure. The
 steps between that checkpoint and the failure run twice; their metrics are logged once:
-- The first attempt's points stand. On resume, rank 0's logger reads the last step the run holds
-  per metric key and drops points at steps up to it (dist_trainer.run_logger.RunLogger.resume):
-  the replay fills in only what never reached the store.
+- The first attempt's points stand. At the start of every attempt, rank 0's logger reads the
+  last step the run holds per metric key and drops points at steps up to it
+  (dist_trainer.run_logger.RunLogger.start_attempt): the replay fills in only what never
+  reached the store, also when the failure came before the first checkpoint (the replay then
+  starts at step 0).
+- What differs per attempt (host, pid, the step it resumed from) is a tag of the attempt
+  (dist_trainer.attempts), never a param: MLflow refuses to change a param.
 - Every checkpoint closes a log interval (it logs train/* and perf/* at its step, like the end of
   an epoch), so a replay's intervals are exactly the first attempt's: no logged interval
   straddles a checkpoint, and every step's samples count in exactly one logged point.
@@ -51,6 +55,7 @@ import contextlib
 import gc
 import logging
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -454,14 +459,12 @@ class Trainer:
         self.logger.log_metrics({"checkpoint/save_s": save_s}, step=self.step)
 
     def _resume(self) -> None:
-        """Load the latest checkpoint, if any, and tell the logger the run may hold its steps."""
+        """Load the latest checkpoint, if any (logged as checkpoint/load_s at its step)."""
         started = time.perf_counter()
         resumed = self.sink.latest()
         if resumed is None:
             return
         self.load_state(resumed)
-        # Before anything else is logged: the logger reads what the run holds first.
-        self.logger.resume()
         load_s = time.perf_counter() - started
         self.logger.log_metrics({"checkpoint/load_s": load_s}, step=self.step)
         log.info("resumed from step %d (epoch %d) in %.2f s", self.step, self.epoch, load_s)
@@ -484,6 +487,9 @@ class Trainer:
         Resumes from the sink's latest checkpoint if there is one (see the module docstring:
         replayed steps are not logged twice)."""
         self._resume()
+        # Before anything else is logged: the logger reads what the run holds first, so a
+        # replay (from a checkpoint, or from step 0) logs each step once.
+        self.logger.start_attempt(self.step, self._attempt_details())
         if self.info.rank == 0:
             self.logger.log_params(self._run_params())
         if self._resumed_world_size != self.plan.world_size:  # a fresh start or an elastic resize
@@ -557,8 +563,6 @@ class Trainer:
             "data.in_memory": self.train_feed.in_memory,
             "model.parameters": sum(p.numel() for p in self.model.parameters()),
             "loss.name": self.loss.name,
-            # Which process trained it: jobs of a study share their worker group's processes.
-            "worker.rank0_pid": os.getpid(),
         }
         if self.flops_per_sample:
             params["model.flops_per_sample"] = int(self.flops_per_sample)
@@ -567,6 +571,18 @@ class Trainer:
         if self.auto_batch is not None:  # the driver logged a provisional plan without these
             params.update(self.auto_batch.as_params())
         return params
+
+    def _attempt_details(self) -> dict[str, Any]:
+        """What differs per attempt (dist_trainer.attempts): tags, not params."""
+        details: dict[str, Any] = {
+            "host": socket.gethostname(),
+            # Which process trained it: jobs of a study share their worker group's processes.
+            "rank0_pid": os.getpid(),
+            "world_size": self.info.world_size,
+        }
+        if self.auto_batch is not None:
+            details["auto_probe_s"] = round(self.auto_batch.seconds, 4)
+        return details
 
     def _plan_metrics(self) -> dict[str, float]:
         return {
@@ -607,7 +623,14 @@ def run_training(
         trainer = Trainer(job, plan, info, logger=logger, sink=sink)
         if info.rank == 0:  # trainer.plan: re-solved when trainer.max_micro_batch_size=auto
             log.info("%s; %d steps", trainer.plan.describe(), trainer.total_steps)
-        metrics = trainer.fit()
+        try:
+            metrics = trainer.fit()
+        except BaseException as exc:
+            error = str(exc).strip().splitlines()
+            reason = f"{type(exc).__name__}: {error[-1] if error else ''}"
+            trainer.logger.end_attempt(f"failed at step {trainer.step}: {reason}")
+            raise
+        trainer.logger.end_attempt(f"finished at step {trainer.step}")
         trainer.log_final_weights()
         # A DDP model still alive at interpreter exit can make gloo abort (pytorch#179291).
         del trainer

@@ -128,9 +128,15 @@ class ProgressReporter:
                     )
 
     def summary(
-        self, metrics: dict[str, float], elapsed_s: float, comm: Any = None, url: str | None = None
+        self,
+        metrics: dict[str, float],
+        elapsed_s: float,
+        comm: Any = None,
+        url: str | None = None,
+        notes: list[str] | None = None,
     ) -> None:
-        """The end-of-job tables (metrics; communication, if measured) and how to open the UI."""
+        """The end-of-job tables (metrics; communication, if measured), `notes` (attempts, what
+        the store refused) and how to open the UI."""
         # The latest value of each metric: the last log interval's (perf/*, comm/*, train/*),
         # the last validation's (val/*); the communication summary below is the whole run's.
         table = Table(
@@ -148,6 +154,8 @@ class ProgressReporter:
             from rich.markdown import Markdown
 
             self.console.print(Markdown(comm.to_markdown()))
+        for note in notes or []:
+            self.console.print(note, soft_wrap=True, markup=False)
         if self.uri.startswith(("http://", "https://")):
             where = f"Open the UI at {self.uri}"
         else:

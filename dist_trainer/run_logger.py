@@ -3,16 +3,25 @@
 The driver creates the run (dist_trainer.tracking.start_job_run) and hands its id to the
 workers; rank 0 logs training metrics into it through a `RunLogger`, whose background thread
 batches writes so the training step never waits on the tracking store; the other ranks get a
-`NullLogger`. `SystemMetrics` adds MLflow's own host metrics, per node.
+`NullLogger`. `SystemMetrics` adds MLflow's own host metrics, per node. Each attempt at
+the job is counted and described in the run's tags (dist_trainer.attempts), not its params.
 
 A resumed job replays the steps between its checkpoint and the failure. What the run already
-holds stands: `RunLogger.resume()` reads, per metric key, the last step the run has logged
-(`logged_steps`) and from then on drops points at steps up to it, and params the run already
-has; so every step appears at most once in every metric series, in increasing order. The rule
+holds stands: a `RunLogger` only appends. Before its first write, and again at each
+`start_attempt()`, it reads per metric key the last step the run has logged (`logged_steps`)
+and from then on drops points at steps up to it, and params the run already has; so every step
+appears at most once in every metric series, in increasing order. It reads the run whether or
+not the attempt resumed from a checkpoint: a worker killed before the first checkpoint leaves
+steps in the run that the next attempt, starting from step 0, replays. The rule
 is per key, not the max over keys: a key whose last point never reached the store (the failure
 came between two flushes, or the key is only logged at epoch ends, like val/*) is filled in by
 the replay, and no key is cut short by another's later step. `system/*` keys are MLflow's own
 (SystemMetrics, counted in samples, not steps); its monitor resumes after their last step itself.
+
+A write the store refuses for good (not an outage: a param changing value, a run deleted) never
+fails training: the logger isolates the refused param or metric key, drops only that, says so in
+one warning line, and at close() names what it dropped in the run's `dist_trainer.refused_writes`
+tag, which the driver's end-of-job summary prints.
 
 An outage of the tracking server does not stop training nor lose metrics: `RunLogger` keeps
 what it could not write and retries it, in order, with backoff; what is still unsent when it
@@ -46,9 +55,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dist_trainer import attempts
 from dist_trainer.tracking import (
     _MAX_PARAMS_PER_BATCH,
     _URI_USERINFO,
+    REFUSED_TAG,
     _client,
     _logged_steps,
     normalize_tracking_uri,
@@ -136,6 +147,12 @@ class NullLogger:
     def resume(self) -> None:
         """The job resumed from a checkpoint into a run that may hold its steps already."""
 
+    def start_attempt(self, from_step: int, details: dict[str, Any]) -> None:
+        """An attempt at the job starts at `from_step` (see RunLogger.start_attempt)."""
+
+    def end_attempt(self, outcome: str) -> None:
+        """How the attempt ended (see RunLogger.end_attempt)."""
+
     def close(self) -> None:
         pass
 
@@ -184,9 +201,27 @@ def _is_transient(exc: BaseException) -> bool:
 class _Batch:
     """Metric points and params already filtered by the resume rule, not yet written."""
 
-    def __init__(self) -> None:
-        self.metrics: list[tuple[str, float, int, int]] = []
-        self.params: list[tuple[str, str]] = []
+    def __init__(
+        self,
+        metrics: list[tuple[str, float, int, int]] | None = None,
+        params: list[tuple[str, str]] | None = None,
+    ) -> None:
+        self.metrics = metrics or []
+        self.params = params or []
+
+    def split(self) -> list[_Batch]:
+        """Each param alone, and the metrics one key at a time: the parts to retry when the
+        store refuses the whole, so that only what it refuses is dropped."""
+        keys = dict.fromkeys(point[0] for point in self.metrics)
+        by_key = [_Batch(metrics=[p for p in self.metrics if p[0] == k]) for k in keys]
+        return [_Batch(params=[param]) for param in self.params] + by_key
+
+    def describe(self) -> str:
+        if len(self.params) == 1 and not self.metrics:
+            return f"param {self.params[0][0]}"
+        if self.metrics and not self.params and len({p[0] for p in self.metrics}) == 1:
+            return f"metric {self.metrics[0][0]} ({len(self.metrics)} points)"
+        return f"{len(self.params)} params and {len(self.metrics)} metric points"
 
 
 class RunLogger(NullLogger):
@@ -195,9 +230,10 @@ class RunLogger(NullLogger):
     Metrics carry the wall-clock time at which they were measured (not when they were written),
     so MLflow's timestamps tell when each step happened.
 
-    After `resume()` it only appends (see the module docstring): per metric key, a point at a
-    step the run already holds, or below it, is dropped (the first attempt's point stands), and
-    so is a param the run already has. `dropped` counts the points dropped.
+    It only appends (see the module docstring): per metric key, a point at a step the run
+    already holds, or below it, is dropped (the first attempt's point stands), and so is a param
+    the run already has. What the run holds is read before the first write and again at each
+    `start_attempt()` / `resume()`. `dropped` counts the points dropped.
 
     Outages: when a write fails because the store is unreachable (or answers 5xx, times out,
     is locked), what failed stays in an in-memory backlog, in order, and the thread retries it
@@ -211,8 +247,9 @@ class RunLogger(NullLogger):
     `dist-trainer import-metrics FILE`. An outage never makes close() raise.
 
     Errors by which the store refuses the data (the run does not exist, a param changes value,
-    no permission) are not retried: that write is dropped, the others go on, and close()
-    raises naming the first such error, as before.
+    no permission) are not retried, and never fail training: the logger retries the refused
+    batch one param and one metric key at a time, drops only the parts the store refuses
+    (listed in `refused`), warns once, and close() records them in the run's REFUSED_TAG.
     """
 
     def __init__(
@@ -237,12 +274,16 @@ class RunLogger(NullLogger):
         self.fallback_path = Path(fallback_dir or UNSENT_DIR).resolve() / f"{run_id}.jsonl"
         self.unsent = 0
         """Points and params written to the fallback file instead of the run."""
+        self.refused: list[str] = []
+        """What the store refused, one line each (`param worker.x: <its error>`)."""
+        self.attempt: int | None = None
+        """This attempt's number (dist_trainer.attempts), once start_attempt() has run."""
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         # Only the logger thread touches what follows (until close() has joined it).
         self._backlog: collections.deque = collections.deque()
         self._stopping = False
-        # After resume(): the last step written per key, and the params the run holds.
+        # Read from the store before the first write: the last step per key, the params held.
         self._last_step: dict[str, int] | None = None
         self._params_held: set[str] | None = None
         self.dropped = 0
@@ -263,18 +304,27 @@ class RunLogger(NullLogger):
         self._queue.put(("text", (text, artifact_file)))
 
     def resume(self) -> None:
-        """Append only from now on: call it before logging anything for the resumed attempt.
-
-        The logger thread reads what the run holds before it writes what follows, so points
-        queued by this attempt are filtered against the store as the failure left it.
-        """
+        """Read again what the run holds before writing what follows: points queued after this
+        call are filtered against the store as the failure left it."""
         self._queue.put(("resume", None))
+
+    def start_attempt(self, from_step: int, details: dict[str, Any]) -> None:
+        """An attempt at the job starts at optimizer step `from_step` (0, or the checkpoint it
+        resumed from): read what the run holds (as `resume()`), then count and describe the
+        attempt in the run's tags (`details`: host, pid, ...; dist_trainer.attempts)."""
+        self._queue.put(("resume", None))
+        self._queue.put(("attempt", (from_step, details)))
+
+    def end_attempt(self, outcome: str) -> None:
+        """How this attempt ended (`finished at step 24`, `failed at step 13: ...`); an end
+        Ray Train's controller recorded first stands."""
+        self._queue.put(("attempt_end", outcome))
 
     def close(self) -> None:
         """Flush everything queued (retrying for up to `flush_timeout_s`), then stop.
 
-        What could not be delivered is in `fallback_path` (one warning says so). Raises if the
-        store refused a write (not for an outage)."""
+        What could not be delivered is in `fallback_path` (one warning says so); what the store
+        refused is in `refused` and the run's REFUSED_TAG. Never raises."""
         self._queue.put(("stop", None))
         self._thread.join()
         if self.unsent:
@@ -289,7 +339,14 @@ class RunLogger(NullLogger):
                 self.fallback_path,
             )
         if self._error is not None:
-            raise RuntimeError(f"MLflow logging to {self.uri} failed: {self._error}")
+            log.error("MLflow logging to %s failed: %s", redact_uri(self.uri), self._error)
+        if self.refused:
+            log.warning(
+                "MLflow refused %d write(s) for run %s (dropped; training was not affected): %s",
+                len(self.refused),
+                self.run_id,
+                "; ".join(self.refused)[:1000],
+            )
         if self.dropped:
             log.info(
                 "resumed run %s: %d metric points at steps it already held were not logged again",
@@ -298,7 +355,7 @@ class RunLogger(NullLogger):
             )
 
     def _new_points(self, payload: list[tuple[str, float, int, int]]) -> list:
-        """The points to write: all of them, or after resume() those past each key's last step."""
+        """The points past each key's last step in the run (and in this logger's writes)."""
         if self._last_step is None:
             return payload
         kept = []
@@ -312,8 +369,8 @@ class RunLogger(NullLogger):
         return kept
 
     def _new_params(self, payload: dict[str, str]) -> dict[str, str]:
-        """After resume(), the params the run does not hold yet: a param may differ after a
-        restart (worker.rank0_pid), and MLflow refuses to change one; the first value stands."""
+        """The params the run does not hold yet: MLflow refuses to change a param, and a replay
+        logs its params again; the first value stands."""
         if self._params_held is None:
             return payload
         new = {k: v for k, v in payload.items() if k not in self._params_held}
@@ -353,7 +410,16 @@ class RunLogger(NullLogger):
             if kind == "resume":
                 self._start_resumed(client)
                 backlog.popleft()
+            elif kind == "attempt":
+                self.attempt = attempts.begin_attempt(client, self.run_id, *payload)
+                backlog.popleft()
+            elif kind == "attempt_end":
+                if self.attempt is not None:
+                    attempts.end_attempt(client, self.run_id, self.attempt, payload, False)
+                backlog.popleft()
             elif kind in ("metrics", "params"):
+                if self._last_step is None:  # what an earlier attempt left in the run stands
+                    self._start_resumed(client)
                 # Filter once, into one batch: a retry must not filter against its own writes.
                 batch = _Batch()
                 while backlog and backlog[0][0] in ("metrics", "params"):
@@ -379,6 +445,39 @@ class RunLogger(NullLogger):
             elif kind == "text":
                 client.log_text(self.run_id, payload[0], payload[1])
                 backlog.popleft()
+
+    def _refuse(self, exc: BaseException) -> None:
+        """The store refused the backlog's first item for good: retry a batch in parts, so that
+        only the param or metric key it refuses is dropped; drop anything else."""
+        kind, payload = self._backlog.popleft()
+        if kind == "batch":
+            parts = payload.split()
+            if len(parts) > 1:
+                self._backlog.extendleft(("batch", part) for part in reversed(parts))
+                return
+            what = payload.describe()
+        elif kind == "metrics":
+            what = (
+                f"metrics {', '.join(dict.fromkeys(p[0] for p in payload))} at step {payload[0][3]}"
+            )
+        elif kind == "params":
+            what = f"params {', '.join(payload)}"
+        else:
+            what = kind
+        line = f"{what}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc!r}"
+        if not self.refused:  # one line; close() sums them up
+            log.warning("MLflow refused a write, dropped it (training goes on): %s", line)
+        self.refused.append(line)
+
+    def _record_refused(self, client: Any) -> None:
+        """Name what was dropped in the run's tags, for the driver's end-of-job summary."""
+        if not self.refused:
+            return
+        text = f"{len(self.refused)} write(s) refused and dropped: " + "; ".join(self.refused)
+        try:
+            client.set_tag(self.run_id, REFUSED_TAG, text[:5000])
+        except Exception as exc:  # noqa: BLE001 - e.g. the run itself is gone
+            log.info("could not tag run %s with what was refused: %s", self.run_id, exc)
 
     def _backlog_points(self) -> int:
         count = 0
@@ -454,6 +553,7 @@ class RunLogger(NullLogger):
                     next_try = 0.0  # training is over: try at once
             if not self._backlog:
                 if closing_by is not None:
+                    self._record_refused(client)
                     return
                 continue
             now = time.monotonic()
@@ -468,9 +568,7 @@ class RunLogger(NullLogger):
                 self._drain(client)
             except BaseException as exc:  # noqa: BLE001 - training goes on
                 if not _is_transient(exc):
-                    kind = self._backlog.popleft()[0]
-                    log.warning("MLflow refused a write (%s, not retried): %s", kind, exc)
-                    self._error = self._error or exc
+                    self._refuse(exc)
                     continue
                 failures += 1
                 delay = min(self._retry_initial_s * 2 ** (failures - 1), self._retry_max_s)

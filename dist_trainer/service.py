@@ -22,6 +22,13 @@ workers loop over a job queue until told to stop.
   run FAILED with the error (a user's ConfigError as one line) and starts a new group for the
   jobs after it. A fresh group is the robust choice: ranks that failed mid-collective cannot be
   trusted to agree on where they are.
+* Faults: a job with `scaling.max_failures=N` whose workers fail (a worker killed, a lost node;
+  not a config error) is queued again at its place, up to N times, and the new group resumes it
+  from its latest checkpoint into the same MLflow run, as Ray Train's own restart does. Every
+  group of the service has the same Ray Train run name, so a new group's
+  `ray.train.get_checkpoint()` is the latest one any group reported; the job's run id in the
+  checkpoint's folder name tells whether it is that job's (dist_trainer.workers). The run's
+  attempt tags say why each attempt ended (dist_trainer.attempts).
 * A job cancelled while it runs (Ctrl-C in its driver) or a `cluster down` during a job kills
   the group's workers (the same path: the run ends KILLED, a new group starts unless stopping).
 * User modules a job imported (outside site-packages and the Python install) are forgotten after
@@ -93,6 +100,7 @@ class JobQueue:
                 "error": None,
                 "config_error": False,
                 "abort": False,
+                "failures": 0,
             }
         )
         return {"index": index, "ahead": ahead}
@@ -150,6 +158,18 @@ class JobQueue:
         if entry["state"] not in TERMINAL:
             self._end(entry, state, error)
             entry.update(extra)
+
+    async def retry(self, index: int, error: str) -> bool:
+        """Queue a running job again after its workers failed, if its `max_failures` allows:
+        the next group resumes it from its latest checkpoint. Returns whether it was queued."""
+        entry = self.entries[index]
+        if entry["state"] != "RUNNING" or entry["abort"]:
+            return False
+        if entry["failures"] >= entry.get("max_failures", 0):
+            return False
+        entry["failures"] += 1
+        entry["state"], entry["started_at"], entry["error"] = "QUEUED", None, error
+        return True
 
     # --- the service ---------------------------------------------------------------------
     async def new_group(self, generation: int, info: dict[str, Any]) -> int:
@@ -342,6 +362,16 @@ def _close_run(entry: dict[str, Any], state: str, error: str | None) -> None:
         _log(f"could not mark run {entry.get('run_id')} {state}: {exc}")
 
 
+def _record_attempt_end(entry: dict[str, Any], error: BaseException) -> None:
+    """Why the job's attempt ended, in its run's attempt tags (never raises)."""
+    from dist_trainer.attempts import describe_failure
+    from dist_trainer.ray_callbacks import FailureRecorder
+
+    failures = getattr(error, "worker_failures", None)
+    reason = describe_failure(failures) if failures else f"worker group failed: {error!r}"
+    FailureRecorder(entry["tracking_uri"], [entry["run_id"]]).record(reason)
+
+
 def _kill_workers(queue: Any) -> None:
     import ray
 
@@ -420,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
                     job,
                     warm_train_fn,
                     {"start_index": start, "generation": generation},
-                    f"dist_trainer-warm-{stamp}-g{generation}",
+                    # One name for every group: a new group restores the latest checkpoint
+                    # (a job queued again after a failure resumes from it).
+                    f"dist_trainer-warm-{stamp}",
                     "",
                     use_gpu,
                 )
@@ -463,9 +495,21 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 text, user = _describe_failure(error)
                 state_ = "FAILED"
-            ray.get(queue.finish.remote(running["index"], state_, text, config_error=user))
-            _close_run(running, state_, text)
-            _log(f"job {running['index']} ({running.get('run_id')}) {state_}: {text}")
+            _record_attempt_end(running, error)
+            if (
+                state_ == "FAILED"
+                and not user
+                and ray.get(queue.retry.remote(running["index"], text))
+            ):
+                _log(
+                    f"job {running['index']} ({running.get('run_id')}): its workers failed "
+                    f"({text}); failure {running['failures'] + 1} of scaling.max_failures="
+                    f"{running.get('max_failures', 0)}: resuming it in a new group"
+                )
+            else:
+                ray.get(queue.finish.remote(running["index"], state_, text, config_error=user))
+                _close_run(running, state_, text)
+                _log(f"job {running['index']} ({running.get('run_id')}) {state_}: {text}")
         elif not stopping.is_set():
             _log(f"worker group {generation} failed: {_describe_failure(error)[0]}")
         failures_before_warm = 0 if was_warm else failures_before_warm + 1

@@ -29,6 +29,7 @@ __all__ = [
     "ROLE_TAG",
     "DRIVER_TAG",
     "redact_uri",
+    "REFUSED_TAG",
     "RESUMES_TAG",
     "WORKER_GROUP_TAG",
     "check_tracking_uri",
@@ -43,8 +44,10 @@ __all__ = [
     "log_table",
     "log_text",
     "run_statuses",
+    "ended_runs",
     "set_description",
     "describe_job",
+    "run_notes",
     "plan_text",
 ]
 
@@ -132,6 +135,8 @@ WORKER_GROUP_TAG = "dist_trainer.worker_group"
 """`warm` on a job run that ran in the warm group of `dist-trainer cluster up`."""
 RESUMES_TAG = "dist_trainer.resumes"
 """How many times `dist-trainer resume` took a job run over from a driver that died."""
+REFUSED_TAG = "dist_trainer.refused_writes"
+"""What the store refused to take from a job's rank 0 (dist_trainer.run_logger), if anything."""
 BENCH_TAG = "dist_trainer.kind"
 """`bench-comm` on an all-reduce sweep's run."""
 
@@ -232,6 +237,23 @@ def plan_text(uri: str, run_id: str, planned: str) -> str:
     )
 
 
+def run_notes(uri: str, run_id: str) -> list[str]:
+    """Lines for a job's end-of-run summary: the attempts it took (when more than one) and what
+    the store refused to take (dist_trainer.attempts, REFUSED_TAG)."""
+    from dist_trainer.attempts import attempt_history
+
+    tags = _client(uri).get_run(run_id).data.tags
+    notes = []
+    history = attempt_history(tags)
+    if len(history) > 1:
+        notes.append(f"{len(history)} attempts (tags dist_trainer.attempt.*):")
+        for n, (record, end) in enumerate(history, 1):
+            notes.append(f"  attempt {n}: {record} -> {end or 'no end recorded'}")
+    if REFUSED_TAG in tags:
+        notes.append(f"MLflow refused part of the run's data: {tags[REFUSED_TAG]}")
+    return notes
+
+
 def describe_job(plan_text: str, metrics: dict[str, float]) -> str:
     """A job run's description: its plan and final figures, first on its page in the UI."""
     figures = [
@@ -264,6 +286,12 @@ def run_statuses(uri: str, run_ids: list[str]) -> dict[str, str]:
     """Each run's status (RUNNING, FINISHED, FAILED, KILLED)."""
     client = _client(uri)
     return {run_id: client.get_run(run_id).info.status for run_id in run_ids}
+
+
+def ended_runs(uri: str, run_ids: list[str]) -> set[str]:
+    """The runs among `run_ids` that have ended (FINISHED, FAILED or KILLED)."""
+    statuses = run_statuses(uri, run_ids)
+    return {run_id for run_id, status in statuses.items() if status != "RUNNING"}
 
 
 def finish_job_run(uri: str, run_id: str, status: str, error: str | None = None) -> None:

@@ -2,8 +2,10 @@
 
 `dist-trainer train` (the hook in driver.train, `run_in_service`) submits its job to the warm
 group when the service is up here and the job's `scaling` matches the group (workers, CPUs per
-worker, GPU or not, no extra resources, placement, storage path, `max_failures=0`, the same
-PYTHONPATH); the driver still checks the config, creates the MLflow run and shows progress. A
+worker, GPU or not, no extra resources, placement, storage path, the same PYTHONPATH); the
+driver still checks the config, creates the MLflow run and shows progress. With
+`scaling.max_failures=N` the service runs a job whose workers fail up to N more times, each
+time in a new group that resumes it from its latest checkpoint (dist_trainer.service). A
 job that does not match runs its own worker group: on the service's Ray cluster when its free
 resources can place it, else on a local cluster of its own, as without the service. Opt out with
 `DIST_TRAINER_SERVICE=0`, or set `scaling.address` to another cluster.
@@ -165,8 +167,6 @@ def mismatch(job: Any, group: dict[str, Any], env: dict[str, Any]) -> str | None
         return f"scaling.resources_per_worker={dict(s.resources_per_worker)}"
     if s.placement_strategy != group.get("placement_strategy", "PACK"):
         return f"scaling.placement_strategy={s.placement_strategy}"
-    if s.max_failures:
-        return f"scaling.max_failures={s.max_failures} (the warm group restarts no job)"
     storage = s.storage_path if "://" in s.storage_path else str(Path(s.storage_path).resolve())
     if storage != group["storage_path"]:
         return (
@@ -305,6 +305,7 @@ def _run_warm(prepared, state, queue, experiment_id, view, t_start, show_progres
         "name": driver._run_name(prepared),
         "experiment": job.tracking.experiment,
         "submitter_pid": os.getpid(),
+        "max_failures": job.scaling.max_failures,
     }
     index = None
     try:
@@ -349,7 +350,11 @@ def _run_warm(prepared, state, queue, experiment_id, view, t_start, show_progres
     if summary is not None:
         tracking.log_text(uri, run_id, summary.to_markdown(), "comm_summary.md")
     ProgressReporter(uri, run_id).summary(
-        metrics, elapsed, summary, tracking.ui_url(uri, experiment_id, run_id)
+        metrics,
+        elapsed,
+        summary,
+        tracking.ui_url(uri, experiment_id, run_id),
+        tracking.run_notes(uri, run_id),
     )
     return driver.JobResult(
         run_id,

@@ -115,6 +115,24 @@ def _plan_for(plan: BatchPlan, world_size: int, job: JobConfig) -> BatchPlan:
     return plan_batches(plan.global_batch_size, world_size, job.trainer.micro_batch_cap)
 
 
+def _jobs_to_run(jobs: list[dict[str, Any]], uri: str, rank: int) -> list[dict[str, Any]]:
+    """The group's jobs still to run: after a restart, from the one its latest checkpoint
+    belongs to, less those whose runs have ended (a job that finished, then the next one
+    failed before its first checkpoint: the latest checkpoint is the finished job's)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return jobs
+    run_ids = [job["run_id"] for job in jobs]
+    resumed = _checkpoint_job(checkpoint)
+    pending = jobs[run_ids.index(resumed) :] if resumed in run_ids else jobs
+    import torch.distributed as dist
+
+    # Rank 0 reads the store; every rank must run the same jobs.
+    ended = [tracking.ended_runs(uri, [job["run_id"] for job in pending]) if rank == 0 else None]
+    dist.broadcast_object_list(ended, src=0)
+    return [job for job in pending if job["run_id"] not in ended[0]]
+
+
 def train_fn(config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point: `config["jobs"]` in order, from the driver."""
     context = ray.train.get_context()
@@ -129,10 +147,7 @@ def train_fn(config: dict[str, Any]) -> None:
     )
     jobs = config["jobs"]
     uri = config["tracking_uri"]
-    resumed = _checkpoint_job(ray.train.get_checkpoint())
-    run_ids = [job["run_id"] for job in jobs]
-    start = run_ids.index(resumed) if resumed in run_ids else 0
-    for job in jobs[start:]:
+    for job in _jobs_to_run(jobs, uri, info.rank):
         try:
             job_config = resolve_config(job["job"])
             run_training(

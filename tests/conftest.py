@@ -106,3 +106,11 @@ def run_cluster_job(module: str, tmp_path: Path, overrides: list[str], timeout_s
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def rank0_pid(run) -> str:
+    """The pid of the process that was rank 0 in a run's (only) attempt."""
+    from dist_trainer.attempts import attempt_history, record_fields
+
+    (record, _), *_ = attempt_history(run.data.tags)
+    return record_fields(record)["rank0_pid"]

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from dist_trainer.service import JobQueue, forget_user_modules
 from dist_trainer.warm import fits, mismatch
 from tests.conftest import free_port, job_config
+from tests.conftest import rank0_pid as rank0_pid_of
 
 CLI = str(Path(sys.executable).with_name("dist-trainer"))
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,13 +49,14 @@ def test_which_jobs_the_warm_group_takes(tmp_path, monkeypatch):
     group = _group(tmp_path)
     assert mismatch(job_config(), group, env) is None
     assert mismatch(job_config("scaling.use_gpu=false"), group, env) is None
+    # A fault-tolerant job too: the service resumes it in a new group when its workers fail.
+    assert mismatch(job_config("scaling.max_failures=2"), group, env) is None
     cases = {
         ("scaling.num_workers=1",): "scaling.num_workers=1 (the warm group has 2)",
         ("scaling.num_workers=[1,2]",): "scaling.num_workers=[1, 2] (the warm group has 2)",
         ("scaling.cpus_per_worker=0.5",): "scaling.cpus_per_worker=0.5",
         ("scaling.use_gpu=true",): "the warm group is on CPU",
         ("+scaling.resources_per_worker.memory=1e9",): "scaling.resources_per_worker",
-        ("scaling.max_failures=2",): "scaling.max_failures=2",
         ("scaling.storage_path=elsewhere",): "scaling.storage_path=elsewhere",
     }
     for overrides, reason in cases.items():
@@ -207,9 +209,8 @@ def test_train_jobs_run_in_the_warm_group_and_down_leaves_nothing(tmp_path):
     first, second, third = (client.get_run(r) for r in runs)
     assert [r.info.status for r in (first, second, third)] == ["FINISHED"] * 3
     # The first two jobs trained in the same, warm, processes; the third in the new group.
-    assert first.data.params["worker.rank0_pid"] == second.data.params["worker.rank0_pid"]
-    assert first.data.params["worker.rank0_pid"] == rank0_pid
-    assert third.data.params["worker.rank0_pid"] != rank0_pid
+    assert rank0_pid_of(first) == rank0_pid_of(second) == rank0_pid
+    assert rank0_pid_of(third) != rank0_pid
     assert {r.data.tags["dist_trainer.worker_group"] for r in (first, second, third)} == {"warm"}
     (failed,) = [
         r for r in client.search_runs([first.info.experiment_id]) if r.info.status == "FAILED"

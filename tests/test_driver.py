@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from dist_trainer import driver
 from dist_trainer.config import ConfigError, load_config
-from tests.conftest import free_port, job_overrides
+from tests.conftest import free_port, job_overrides, rank0_pid
 
 pytestmark = pytest.mark.ray
 
@@ -236,7 +236,7 @@ def test_cli_multirun_is_one_study_in_one_worker_group(ray_cluster, tmp_path):
     assert sorted(int(r.data.params["trainer.global_batch_size"]) for r in children) == [32, 128]
     assert all(r.info.status == "FINISHED" for r in runs)
     # One worker group: the same rank-0 process trained both jobs.
-    assert len({r.data.params["worker.rank0_pid"] for r in children}) == 1
+    assert len({rank0_pid(r) for r in children}) == 1
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"study_summary.md", "study_runs.json"} <= artifacts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -10,11 +11,13 @@ from mlflow.tracking import MlflowClient
 from dist_trainer.config import ConfigError
 from dist_trainer.run_logger import RunLogger
 from dist_trainer.tracking import (
+    REFUSED_TAG,
     check_tracking_uri,
     finish_job_run,
     normalize_tracking_uri,
     prepare_store,
     redact_params,
+    run_notes,
     start_job_run,
 )
 from tests.conftest import free_port
@@ -88,8 +91,57 @@ def test_unreachable_stores_name_the_key(tmp_path):
     check_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # a new file in a real folder is fine
 
 
-def test_logger_reports_a_broken_store(tmp_path):
+def test_a_store_that_refuses_a_write_never_fails_the_logger(tmp_path, caplog):
+    """No such run: the store refuses every write; close() says so and does not raise."""
     logger = RunLogger(f"sqlite:///{tmp_path}/mlflow.db", "no-such-run", flush_interval_s=0.01)
     logger.log_metrics({"x": 1.0}, step=1)
-    with pytest.raises(RuntimeError, match="MLflow logging"):
+    with caplog.at_level(logging.WARNING, logger="dist_trainer.run_logger"):
         logger.close()
+    assert len(logger.refused) == 1 and logger.refused[0].startswith("metrics x at step 1: ")
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("MLflow refused a write" in line for line in lines) == 1, lines
+    assert any("refused 1 write(s) for run no-such-run" in line for line in lines), lines
+
+
+def test_a_refused_param_drops_only_that_param(tmp_path, caplog):
+    """A param whose value changes (MLflow refuses it for good) is dropped alone: the metrics
+    and other params of the same batch are written, one warning line is shown, and the run's
+    tag names what was dropped, for the driver's end-of-job summary."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    experiment_id = prepare_store(uri, "refused")
+    run_id = start_job_run(uri, experiment_id, "r", {"fixed": 1}, {})
+    logger = RunLogger(uri, run_id, flush_interval_s=0.01)
+    logger.log_params({"fixed": 1, "new": 2})  # the held value: dropped by the append rule
+    logger.close()
+    assert logger.refused == []
+    # A race the append rule cannot see: the logger read the run (at its first write), then
+    # another writer (a dead attempt's last flush) logged `late`. The store refuses `late`=3
+    # but takes `other` and the metric batched with it.
+    racing = RunLogger(uri, run_id, flush_interval_s=0.01)
+    racing.log_metrics({"train/loss": 0.5}, step=1)
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + 30
+    while "train/loss" not in client.get_run(run_id).data.metrics:
+        assert time.monotonic() < deadline, "the logger never wrote"
+        time.sleep(0.02)
+    client.log_param(run_id, "late", "1")
+    racing.log_params({"late": 3, "other": 4})
+    racing.log_metrics({"train/loss": 0.25}, step=2)
+    with caplog.at_level(logging.WARNING, logger="dist_trainer.run_logger"):
+        racing.close()
+    assert len(racing.refused) == 1 and racing.refused[0].startswith("param late: ")
+    assert "Changing param values is not allowed" in racing.refused[0]
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.params == {"fixed": "1", "new": "2", "late": "1", "other": "4"}
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [
+        (1, 0.5),
+        (2, 0.25),
+    ]
+    assert run.data.tags[REFUSED_TAG].startswith("1 write(s) refused and dropped: param late")
+    assert run_notes(uri, run_id) == [
+        f"MLflow refused part of the run's data: {run.data.tags[REFUSED_TAG]}"
+    ]
+    warnings = [
+        r.getMessage() for r in caplog.records if "MLflow refused a write" in r.getMessage()
+    ]
+    assert len(warnings) == 1, warnings
