@@ -448,8 +448,13 @@ class Trainer:
 
     def checkpoint(self, metrics: dict[str, float]) -> None:
         """Save a checkpoint at this step (every rank: the sink may be a barrier); rank 0 logs
-        what it cost as `checkpoint/save_s`. Call it at most once per step."""
+        what it cost as `checkpoint/save_s` (with the wait for MLflow to hold the metrics logged
+        so far). Call it at most once per step."""
         started = time.perf_counter()
+        # The steps up to this checkpoint must be in the run before it exists: an attempt that
+        # resumes from it replays only the steps after it (a no-op on ranks other than 0).
+        if not self.logger.flush():
+            log.warning("MLflow has not taken the metrics up to step %d yet", self.step)
         rng = self._gather_rng_states()  # a collective: every rank
         state = {**self.state(), "rng": rng} if self.info.rank == 0 else None
         self.sink.save(state, {"step": self.step, **metrics}, self.step)

@@ -153,6 +153,10 @@ class NullLogger:
     def end_attempt(self, outcome: str) -> None:
         """How the attempt ended (see RunLogger.end_attempt)."""
 
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until what was logged is in the store (see RunLogger.flush)."""
+        return True
+
     def close(self) -> None:
         pass
 
@@ -320,6 +324,19 @@ class RunLogger(NullLogger):
         Ray Train's controller recorded first stands."""
         self._queue.put(("attempt_end", outcome))
 
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until everything logged so far is in the store (or `timeout_s` passed: the
+        store is unreachable, and the backlog is retried as usual). Returns whether it is.
+
+        Called before each checkpoint: a later attempt resumes from the checkpoint and replays
+        only the steps after it, so the steps up to it must be in the run already, or a worker
+        killed soon after would lose them for good."""
+        if not self._thread.is_alive():
+            return False
+        done = threading.Event()
+        self._queue.put(("flush", done))
+        return done.wait(timeout_s)
+
     def close(self) -> None:
         """Flush everything queued (retrying for up to `flush_timeout_s`), then stop.
 
@@ -382,21 +399,25 @@ class RunLogger(NullLogger):
         self._last_step = _logged_steps(client, self.run_id, run)
         self._params_held = set(run.data.params)
 
-    def _take(self, item: tuple[str, Any]) -> None:
+    def _take(self, item: tuple[str, Any]) -> bool:
+        """Put a queued item in the backlog; True if it asks to write now (flush, close)."""
         if item[0] == "stop":
             self._stopping = True
-        else:
-            self._backlog.append(item)
+            return True
+        self._backlog.append(item)
+        return item[0] == "flush"
 
     def _gather(self, until: float | None) -> None:
         """Move queued work into the backlog: wait for the first item (when idle), then collect
         what arrives until `until` (or for one flush interval), or until close()."""
         if until is None:
-            self._take(self._queue.get())
+            if self._take(self._queue.get()):
+                return
             until = time.monotonic() + self._flush_interval_s
         while not self._stopping:
             try:
-                self._take(self._queue.get(timeout=max(0.0, until - time.monotonic())))
+                if self._take(self._queue.get(timeout=max(0.0, until - time.monotonic()))):
+                    return
             except queue.Empty:
                 return
 
@@ -409,6 +430,9 @@ class RunLogger(NullLogger):
             kind, payload = backlog[0]
             if kind == "resume":
                 self._start_resumed(client)
+                backlog.popleft()
+            elif kind == "flush":  # everything queued before it is in the store
+                payload.set()
                 backlog.popleft()
             elif kind == "attempt":
                 self.attempt = attempts.begin_attempt(client, self.run_id, *payload)

@@ -107,3 +107,39 @@ class SlowMLP(MLP):
         if self.training and not x.is_meta and self.delay_s:
             time.sleep(self.delay_s)
         return super().forward(x)
+
+
+class BlocksOnceMLP(MLP):
+    """An MLP whose worker stops at its `at_step`-th training micro-batch on rank `rank`, if
+    `marker` does not exist yet: it writes its pid to `marker` and waits there to be killed
+    from outside (tests/test_kills.py's killer sends SIGKILL). Micro-batches are counted by
+    their input tensor, so the exposed-comm probe's extra micro-step on the same batch does
+    not count; with no accumulation the count is the optimizer step. With `micro_batch`, only
+    micro-batches of that many samples count (one job of a study). Meta tensors (the driver's
+    preflight) pass through."""
+
+    def __init__(
+        self, marker: str, at_step: int, rank: int = 1, micro_batch: int = 0, **kwargs
+    ) -> None:
+        super().__init__(**kwargs)
+        self.marker = marker
+        self.at_step = at_step
+        self.rank = rank
+        self.micro_batch = micro_batch
+        self.micro_batches = 0
+        self._last_input = None
+
+    def forward(self, x):
+        counted = not self.micro_batch or x.shape[0] == self.micro_batch
+        if self.training and not x.is_meta and counted and x is not self._last_input:
+            self._last_input = x
+            self.micro_batches += 1
+            here = self.micro_batches == self.at_step and DiesOnceMLP._my_rank() == self.rank
+            if here and not os.path.exists(self.marker):
+                partial = f"{self.marker}.partial"
+                with open(partial, "w") as f:
+                    f.write(str(os.getpid()))
+                os.replace(partial, self.marker)  # the killer never reads half a pid
+                time.sleep(300)
+                raise RuntimeError("tests.crashing.BlocksOnceMLP was never killed")
+        return super().forward(x)
