@@ -203,8 +203,8 @@ def test_a_study_child_survives_a_worker_killed(ray_cluster, tmp_path):
 @pytest.mark.slow
 def test_a_warm_group_job_survives_a_worker_killed(tmp_path):
     """`cluster up`, then a job with scaling.max_failures=1 in the warm group; rank 1 is killed
-    in step 7, after the checkpoint at step 5. The service starts a new group, which resumes
-    the job from step 5 in the same run."""
+    in step 12, after the checkpoints at steps 5 and 10. The service starts a new group, which
+    restores the latest checkpoint Ray Train registered and resumes the job in the same run."""
     cli = str(Path(sys.executable).with_name("dist-trainer"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
@@ -228,7 +228,7 @@ def test_a_warm_group_job_survives_a_worker_killed(tmp_path):
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         killer = Killer(marker)
-        train = run("train", *overrides, "+model.at_step=7")
+        train = run("train", *overrides, "+model.at_step=12")
         assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
         assert "running in the warm worker group" in train.stdout, train.stdout
         assert "2 attempts" in train.stdout, train.stdout[-3000:]
@@ -242,4 +242,6 @@ def test_a_warm_group_job_survives_a_worker_killed(tmp_path):
     found = _assert_like_the_straight_run(f"sqlite:///{db}", run_id, overrides, tmp_path)
     (_, first_end), (second, _) = found["attempts"]
     assert "rank 1: " in first_end, first_end
-    assert record_fields(second)["from_step"] == "5"
+    # Not from scratch: the new group found the checkpoint (10, or 5 if Ray Train's controller
+    # had not registered 10 when the worker died).
+    assert record_fields(second)["from_step"] in ("5", "10"), second
