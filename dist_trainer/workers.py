@@ -115,22 +115,31 @@ def _plan_for(plan: BatchPlan, world_size: int, job: JobConfig) -> BatchPlan:
     return plan_batches(plan.global_batch_size, world_size, job.trainer.micro_batch_cap)
 
 
-def _jobs_to_run(jobs: list[dict[str, Any]], uri: str, rank: int) -> list[dict[str, Any]]:
+def _jobs_to_run(jobs: list[dict[str, Any]], uri: str, info: WorkerInfo) -> list[dict[str, Any]]:
     """The group's jobs still to run: after a restart, from the one its latest checkpoint
     belongs to, less those whose runs have ended (a job that finished, then the next one
-    failed before its first checkpoint: the latest checkpoint is the finished job's)."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return jobs
-    run_ids = [job["run_id"] for job in jobs]
-    resumed = _checkpoint_job(checkpoint)
-    pending = jobs[run_ids.index(resumed) :] if resumed in run_ids else jobs
+    failed before its first checkpoint: the latest checkpoint is the finished job's).
+
+    Rank 0 decides and tells the others: a rank's `get_checkpoint()` is the latest checkpoint
+    it reported itself, and only rank 0 reports state (dist_trainer.loop), so inside a warm
+    group the ranks' views differ."""
     import torch.distributed as dist
 
-    # Rank 0 reads the store; every rank must run the same jobs.
-    ended = [tracking.ended_runs(uri, [job["run_id"] for job in pending]) if rank == 0 else None]
-    dist.broadcast_object_list(ended, src=0)
-    return [job for job in pending if job["run_id"] not in ended[0]]
+    chosen: list[Any] = [None]
+    if info.rank == 0:
+        pending = jobs
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            run_ids = [job["run_id"] for job in jobs]
+            resumed = _checkpoint_job(checkpoint)
+            pending = jobs[run_ids.index(resumed) :] if resumed in run_ids else jobs
+            ended = tracking.ended_runs(uri, [job["run_id"] for job in pending])
+            pending = [job for job in pending if job["run_id"] not in ended]
+        chosen[0] = [job["run_id"] for job in pending]
+    if info.world_size > 1:
+        device = info.device if info.device.type == "cuda" else None
+        dist.broadcast_object_list(chosen, src=0, device=device)
+    return [job for job in jobs if job["run_id"] in chosen[0]]
 
 
 def train_fn(config: dict[str, Any]) -> None:
@@ -147,7 +156,7 @@ def train_fn(config: dict[str, Any]) -> None:
     )
     jobs = config["jobs"]
     uri = config["tracking_uri"]
-    for job in _jobs_to_run(jobs, uri, info.rank):
+    for job in _jobs_to_run(jobs, uri, info):
         try:
             job_config = resolve_config(job["job"])
             run_training(

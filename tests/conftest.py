@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from dist_trainer.config import load_config, resolve_config
 from dist_trainer.ray_cluster import RAY_ENV_DEFAULTS
+from dist_trainer.run_logger import NullLogger
 
 # Fast Ray Train health checks and teardown, set before any raylet starts (workers inherit it).
 for _key, _value in {**RAY_ENV_DEFAULTS, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}.items():
@@ -114,3 +115,27 @@ def rank0_pid(run) -> str:
 
     (record, _), *_ = attempt_history(run.data.tags)
     return record_fields(record)["rank0_pid"]
+
+
+# Metrics that depend only on the data and the weights: equal to float64 precision between a
+# faulted run and one that never failed.
+EXACT_METRICS = (
+    "train/loss",
+    "train/accuracy",
+    "train/lr",
+    "train/epoch",
+    "val/loss",
+    "val/accuracy",
+)
+
+
+class MetricRecorder(NullLogger):
+    """A logger that keeps what rank 0 would log, per key, in memory: a run that never failed,
+    to compare a faulted run's MLflow histories with."""
+
+    def __init__(self) -> None:
+        self.points: dict[str, list[tuple[int, float]]] = {}
+
+    def log_metrics(self, metrics, step):
+        for key, value in metrics.items():
+            self.points.setdefault(key, []).append((step, value))

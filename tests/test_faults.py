@@ -13,14 +13,21 @@ from mlflow.tracking import MlflowClient
 from dist_trainer.batching import plan_batches
 from dist_trainer.checkpoint import LocalCheckpointSink
 from dist_trainer.loop import Trainer, WorkerInfo
-from dist_trainer.run_logger import NullLogger, RunLogger
+from dist_trainer.run_logger import RunLogger
 from dist_trainer.tracking import (
     logged_steps,
     normalize_tracking_uri,
     prepare_store,
     start_job_run,
 )
-from tests.conftest import assert_logged_weights_equal, job_config, job_overrides, metric_histories
+from tests.conftest import (
+    EXACT_METRICS,
+    MetricRecorder,
+    assert_logged_weights_equal,
+    job_config,
+    job_overrides,
+    metric_histories,
+)
 
 CPU = WorkerInfo(0, 1, 0, 0, torch.device("cpu"))
 # breast_cancer: 455 training samples, 8 steps of 64 per epoch, 24 steps in 3 epochs. Logs every
@@ -33,8 +40,7 @@ JOB = [
     "trainer.checkpoint_every_n_steps=5",
     "model._target_=tests.crashing.CrashOnceMLP",
 ]
-# Metrics that depend only on the data and the weights: equal to float64 precision.
-EXACT = ("train/loss", "train/accuracy", "train/lr", "train/epoch", "val/loss", "val/accuracy")
+
 FLOAT64_TOLERANCE = 1e-12
 
 
@@ -115,7 +121,7 @@ def test_resumed_run_logs_every_step_once_and_ends_like_an_uninterrupted_run(
     assert set(got) == set(want)
     for key, points in want.items():
         assert [s for s, _ in got[key]] == [s for s, _ in points], key
-        if key in EXACT:
+        if key in EXACT_METRICS:
             for (step, value), (_, expected) in zip(got[key], points, strict=True):
                 assert math.isclose(value, expected, rel_tol=0, abs_tol=FLOAT64_TOLERANCE), (
                     key,
@@ -161,17 +167,6 @@ def test_resumed_logger_only_appends_per_key(store):
     assert params == {"worker.rank0_pid": "1", "plan.total_steps": "12"}
 
 
-class _Recorder(NullLogger):
-    """The points rank 0 would log, per key, in memory."""
-
-    def __init__(self) -> None:
-        self.points: dict[str, list[tuple[int, float]]] = {}
-
-    def log_metrics(self, metrics, step):
-        for key, value in metrics.items():
-            self.points.setdefault(key, []).append((step, value))
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_killed_worker_resumes_the_same_run_logging_every_step_once(ray_cluster, tmp_path):
@@ -214,12 +209,12 @@ def test_killed_worker_resumes_the_same_run_logging_every_step_once(ray_cluster,
     assert all(v >= 0 for _, v in got["checkpoint/save_s"])
 
     # The run that never failed, in one process (equal to 2 DDP workers in float64).
-    recorder = _Recorder()
+    recorder = MetricRecorder()
     job = job_config(*overrides)
     straight = Trainer(job, plan_batches(64, 1), CPU, logger=recorder)
     straight.fit()
     assert straight.step == 24 == max(s for s, _ in got["train/loss"])
-    for key in EXACT:
+    for key in EXACT_METRICS:
         assert [s for s, _ in got[key]] == [s for s, _ in recorder.points[key]], key
         for (step, value), (_, expected) in zip(got[key], recorder.points[key], strict=True):
             assert math.isclose(value, expected, rel_tol=1e-9, abs_tol=1e-12), (key, step)

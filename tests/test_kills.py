@@ -31,9 +31,10 @@ from mlflow.tracking import MlflowClient
 from dist_trainer.attempts import attempt_history, record_fields
 from dist_trainer.batching import plan_batches
 from dist_trainer.loop import Trainer, WorkerInfo
-from dist_trainer.run_logger import NullLogger
 from dist_trainer.tracking import REFUSED_TAG
 from tests.conftest import (
+    EXACT_METRICS,
+    MetricRecorder,
     assert_logged_weights_equal,
     free_port,
     job_config,
@@ -53,7 +54,7 @@ JOB = [
     "scaling.max_failures=1",
     "model._target_=tests.crashing.BlocksOnceMLP",
 ]
-EXACT = ("train/loss", "train/accuracy", "train/lr", "train/epoch", "val/loss", "val/accuracy")
+
 FLOAT64_TOLERANCE = 1e-9
 
 
@@ -80,18 +81,9 @@ class Killer:
         self._thread.join()
 
 
-class _Recorder(NullLogger):
-    def __init__(self) -> None:
-        self.points: dict[str, list[tuple[int, float]]] = {}
-
-    def log_metrics(self, metrics, step):
-        for key, value in metrics.items():
-            self.points.setdefault(key, []).append((step, value))
-
-
-def _straight(overrides: list[str], global_batch: int = 64) -> tuple[Trainer, _Recorder]:
+def _straight(overrides: list[str], global_batch: int = 64) -> tuple[Trainer, MetricRecorder]:
     """The same job in one process, never killed (the marker is ignored: `at_step=0`)."""
-    recorder = _Recorder()
+    recorder = MetricRecorder()
     job = job_config(*overrides, "+model.at_step=0")
     trainer = Trainer(job, plan_batches(global_batch, 1), CPU, logger=recorder)
     trainer.fit()
@@ -109,7 +101,7 @@ def _assert_like_the_straight_run(uri: str, run_id: str, overrides: list[str], f
         assert steps == sorted(set(steps)), f"{key}: steps {steps}"
     straight, recorder = _straight(overrides, global_batch)
     assert max(s for s, _ in got["train/loss"]) == straight.step
-    for key in EXACT:
+    for key in EXACT_METRICS:
         assert [s for s, _ in got[key]] == [s for s, _ in recorder.points[key]], key
         for (step, value), (_, expected) in zip(got[key], recorder.points[key], strict=True):
             assert math.isclose(value, expected, rel_tol=1e-9, abs_tol=1e-12), (key, step)

@@ -15,6 +15,7 @@ from dist_trainer.batching import plan_batches
 from dist_trainer.checkpoint import LocalCheckpointSink
 from dist_trainer.config import CONF_DIR
 from dist_trainer.loop import Trainer, WorkerInfo
+from dist_trainer.run_logger import NullLogger
 from tests.conftest import free_port, job_config
 
 # breast_cancer has 455 training samples: with global batch 64 the 8th step of each epoch has
@@ -194,7 +195,7 @@ def test_every_experiment_preset_runs_one_step(preset):
     assert "val/loss" in metrics
 
 
-class _Recorder:
+class _Recorder(NullLogger):
     """Keeps what rank 0 would log (the loop's logger interface, in memory)."""
 
     def __init__(self) -> None:
@@ -202,15 +203,6 @@ class _Recorder:
 
     def log_metrics(self, metrics, step):
         self.rows.append(dict(metrics))
-
-    def log_params(self, params):
-        pass
-
-    def log_artifact(self, local_path, artifact_path=None):
-        pass
-
-    def close(self):
-        pass
 
 
 def _exposed_worker(rank: int, world: int, port: int, caps: list[float], out: str) -> None:
