@@ -445,7 +445,8 @@ def train_in_run(
     result = _run_and_finish(job, train_fn, config, run_id, uri, cluster.use_gpu, reporter)
     metrics = tracking.latest_metrics(uri, run_id)
     text = tracking.plan_text(uri, run_id, prepared.describe_plan())
-    tracking.set_description(uri, run_id, tracking.describe_job(text, metrics))
+    notes = tracking.run_notes(uri, run_id)
+    tracking.set_description(uri, run_id, tracking.describe_job(text, metrics, notes))
     elapsed = time.perf_counter() - t_start
     # An elastic job's comm figures compare against the size it finished with.
     world_size = int(metrics.get("plan/world_size", plan.world_size))
@@ -457,7 +458,7 @@ def train_in_run(
         elapsed,
         summary,
         tracking.ui_url(uri, cluster.experiment_id, run_id),
-        tracking.run_notes(uri, run_id),
+        notes,
     )
     checkpoint = result.checkpoint.path if result.checkpoint else None
     return JobResult(

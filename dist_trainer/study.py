@@ -242,7 +242,9 @@ def run_study(overrides: list[str], show_progress: bool = True) -> StudyResult:
             if job.run_id and job.status == "FINISHED":
                 job.metrics = tracking.latest_metrics(uri, job.run_id)
                 text = tracking.plan_text(uri, job.run_id, job.prepared.plan.describe())
-                tracking.set_description(uri, job.run_id, tracking.describe_job(text, job.metrics))
+                notes = tracking.run_notes(uri, job.run_id)
+                description = tracking.describe_job(text, job.metrics, notes)
+                tracking.set_description(uri, job.run_id, description)
         columns, rows = _summary_rows(jobs)
         failures = [j for j in jobs if j.status != "FINISHED"]
         summary = _summary_markdown(columns, rows, failures)

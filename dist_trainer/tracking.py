@@ -254,8 +254,9 @@ def run_notes(uri: str, run_id: str) -> list[str]:
     return notes
 
 
-def describe_job(plan_text: str, metrics: dict[str, float]) -> str:
-    """A job run's description: its plan and final figures, first on its page in the UI."""
+def describe_job(plan_text: str, metrics: dict[str, float], notes: list[str] | None = None) -> str:
+    """A job run's description: its plan, final figures and `notes` (run_notes: attempts,
+    refused writes), first on its page in the UI."""
     figures = [
         ("val/loss", "val loss", "{:.4g}"),
         ("val/accuracy", "val accuracy", "{:.4g}"),
@@ -266,7 +267,9 @@ def describe_job(plan_text: str, metrics: dict[str, float]) -> str:
     lines = [
         f"- {label}: {fmt.format(metrics[key])}" for key, label, fmt in figures if key in metrics
     ]
-    return f"{plan_text}\n\n" + "\n".join(lines) + "\n"
+    extra = "".join(f"\n{note.strip()}\n" if not note.startswith(" ") else f"- {note.strip()}\n"
+                    for note in notes or [])  # fmt: skip
+    return f"{plan_text}\n\n" + "\n".join(lines) + "\n" + extra
 
 
 def set_description(uri: str, run_id: str, markdown: str) -> None:

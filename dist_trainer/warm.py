@@ -344,7 +344,8 @@ def _run_warm(prepared, state, queue, experiment_id, view, t_start, show_progres
             f"(the workers' output: {state['service']['log']})"
         )
     metrics = tracking.latest_metrics(uri, run_id)
-    tracking.set_description(uri, run_id, tracking.describe_job(plan.describe(), metrics))
+    notes = tracking.run_notes(uri, run_id)
+    tracking.set_description(uri, run_id, tracking.describe_job(plan.describe(), metrics, notes))
     elapsed = time.perf_counter() - t_start
     summary = report.comm_summary(uri, run_id, plan.world_size, "nccl" if use_gpu else "gloo")
     if summary is not None:
@@ -354,7 +355,7 @@ def _run_warm(prepared, state, queue, experiment_id, view, t_start, show_progres
         elapsed,
         summary,
         tracking.ui_url(uri, experiment_id, run_id),
-        tracking.run_notes(uri, run_id),
+        notes,
     )
     return driver.JobResult(
         run_id,

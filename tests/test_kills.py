@@ -116,6 +116,11 @@ def _assert_like_the_straight_run(uri: str, run_id: str, overrides: list[str], f
     assert second_end == f"finished at step {straight.step}"
     assert record_fields(first)["from_step"] == "0"
     assert record_fields(first)["rank0_pid"] != record_fields(second)["rank0_pid"]
+    # The run's page opens on its description: it lists the attempts.
+    assert (
+        "\n2 attempts (tags dist_trainer.attempt.*):\n- attempt 1: from_step=0;"
+        in (tags["mlflow.note.content"])
+    ), tags["mlflow.note.content"]
     return {"history": got, "attempts": history}
 
 
