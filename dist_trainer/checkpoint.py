@@ -19,7 +19,10 @@ __all__ = ["CheckpointSink", "LocalCheckpointSink", "rng_state", "set_rng_state"
 
 
 class CheckpointSink(Protocol):
-    """Where checkpoints go. Every rank calls `save` (it may be a barrier); rank 0 gives state."""
+    """Where checkpoints go. Every rank calls `save` (it may be a barrier); rank 0 gives state.
+    `persists` is False for a sink that keeps nothing: the loop then skips checkpoints."""
+
+    persists: bool
 
     def latest(self) -> dict[str, Any] | None: ...
 
@@ -31,6 +34,7 @@ class LocalCheckpointSink:
 
     def __init__(self, folder: str | os.PathLike | None) -> None:
         self.folder = Path(folder) if folder else None
+        self.persists = self.folder is not None
 
     def latest(self) -> dict[str, Any] | None:
         path = self.folder / "latest.pt" if self.folder else None

@@ -450,6 +450,9 @@ class Trainer:
         """Save a checkpoint at this step (every rank: the sink may be a barrier); rank 0 logs
         what it cost as `checkpoint/save_s` (with the wait for MLflow to hold the metrics logged
         so far). Call it at most once per step."""
+        self._last_checkpoint = self.step
+        if not self.sink.persists:  # nowhere to keep it (one process, no folder): no work
+            return
         started = time.perf_counter()
         # The steps up to this checkpoint must be in the run before it exists: an attempt that
         # resumes from it replays only the steps after it (a no-op on ranks other than 0).
@@ -458,7 +461,6 @@ class Trainer:
         rng = self._gather_rng_states()  # a collective: every rank
         state = {**self.state(), "rng": rng} if self.info.rank == 0 else None
         self.sink.save(state, {"step": self.step, **metrics}, self.step)
-        self._last_checkpoint = self.step
         save_s = time.perf_counter() - started
         self.interval.paused_s += save_s
         self.logger.log_metrics({"checkpoint/save_s": save_s}, step=self.step)

@@ -54,6 +54,8 @@ def _checkpoint_job(checkpoint: ray.train.Checkpoint | None) -> str | None:
 class RayCheckpointSink:
     """Checkpoints of one job through `ray.train.report` (rank 0 writes; every rank reports)."""
 
+    persists = True
+
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
 
