@@ -9,7 +9,11 @@ loss on meta tensors:
 * every `model.*`, `data.*` and `loss.*` key is one its target accepts (dist_trainer.build);
 * the model has trainable parameters (DDP's own error for this does not say "model");
 * the training split holds at least one global batch when `trainer.drop_last=true`;
-* the model's output shape fits the data's task, and the loss returns one value per sample.
+* the batch's inputs suit the model's forward (a dict's keys are keyword arguments);
+* the model's output holds logits (a tensor, a dict / ModelOutput with `logits`, a tuple whose
+  first item is the logits), their shape fits the data's task, and the loss returns one value
+  per sample; each failure is one line whose Fix names the part that failed (input, output
+  type, output shape or loss).
 
 Some models cannot run on meta tensors (data-dependent control flow, `.item()`); their forward
 is then checked by the first micro-step in the workers, which raises the same one-line error.
@@ -19,17 +23,20 @@ The same meta model gives the FLOPs per sample behind `perf/tflops` and `perf/mf
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from dist_trainer.batching import BatchPlan
-from dist_trainer.build import build_data, build_loss, build_model, resolve_call
+from dist_trainer.build import build_collate, build_data, build_loss, build_model, resolve_call
 from dist_trainer.config import ConfigError, JobConfig
 from dist_trainer.data import DataBundle
+from dist_trainer.loading import collate_items, map_tensors
 from dist_trainer.perf import count_flops
-from dist_trainer.tasks import Loss, OutputShapeError, check_outputs, loss_sums
+from dist_trainer.tasks import Loss, OutputShapeError, check_outputs, forward_batch, loss_sums
 
 __all__ = ["Preflight", "flops_per_sample", "preflight", "sample_batch"]
 
@@ -45,19 +52,51 @@ class Preflight:
     flops_per_sample: float | None = None
 
 
-def sample_batch(dataset: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `n` samples of a map-style dataset as one (x, y) batch on the CPU."""
+def sample_batch(
+    dataset: Dataset,
+    n: int,
+    collate: Callable[[list[Any]], Any] | None = None,
+    target_key: str = "labels",
+) -> tuple[Any, torch.Tensor]:
+    """The first `n` samples of a map-style dataset as one (input, target) batch on the CPU,
+    collated as the feed collates them (dist_trainer.loading): the input may be a dict."""
     tensors = getattr(dataset, "tensors", None)
     n = max(1, min(n, len(dataset)))
-    if tensors is not None and len(tensors) == 2:
+    if tensors is not None and len(tensors) == 2 and collate is None:
         return tensors[0][:n], tensors[1][:n]
-    batch = default_collate([dataset[i] for i in range(n)])
-    if not isinstance(batch, list | tuple) or len(batch) != 2:
+    items = [dataset[i] for i in range(n)]
+    try:
+        return collate_items(items, collate, target_key)
+    except ValueError as exc:
+        raise ConfigError(f"data: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's collate function, or default_collate
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        where = "data.collate._target_" if collate is not None else "default_collate"
         raise ConfigError(
-            "data: a dataset item must be an (input, target) pair. Fix: return (x, y) from "
-            "your dataset's __getitem__"
-        )
-    return torch.as_tensor(batch[0]), torch.as_tensor(batch[1])
+            f"data: {where} fails on items of data._target_ ({type(items[0]).__name__}): "
+            f"{type(exc).__name__}: {message}. Fix: return (x, y) or a dict of tensors of one "
+            "shape per key from the dataset, or pad them in data.collate"
+        ) from None
+
+
+def _describe_batch(x: Any) -> str:
+    """The shapes of a batch's inputs, for messages."""
+    if isinstance(x, torch.Tensor):
+        return str(tuple(x.shape))
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}: {_describe_batch(v)}" for k, v in x.items()) + "}"
+    if isinstance(x, tuple | list):
+        return "(" + ", ".join(_describe_batch(v) for v in x) + ")"
+    return type(x).__name__
+
+
+def _meta_batch(job: JobConfig, bundle: DataBundle, dtype: torch.dtype, n: int) -> tuple:
+    x, y = sample_batch(bundle.train, n, build_collate(job), job.data_options.target_key)
+
+    def to_meta(t: torch.Tensor) -> torch.Tensor:
+        return t.to("meta", dtype=dtype if t.is_floating_point() else None)
+
+    return map_tensors(to_meta, x), to_meta(torch.as_tensor(y))
 
 
 def _meta_step(
@@ -67,20 +106,21 @@ def _meta_step(
     with torch.device("meta"):
         model = build_model(job, bundle)
     model = model.to(dtype)
-    x, y = sample_batch(bundle.train, n)
-    x = x.to("meta", dtype=dtype if x.is_floating_point() else None)
-    y = y.to("meta", dtype=dtype if y.is_floating_point() else None)
+    x, y = _meta_batch(job, bundle, dtype, n)
     shape_error: OutputShapeError | None = None
+    phase = "forward"
 
     def step() -> None:
-        nonlocal shape_error
-        outputs = model(x)
+        nonlocal shape_error, phase
+        outputs = forward_batch(model, x, y, loss)
+        phase = "loss"
         try:
-            check_outputs(bundle.task, outputs, y)
+            check_outputs(bundle.task, outputs, y, loss)
             loss_sum, _, _ = loss_sums(bundle.task, outputs, y, loss)
         except OutputShapeError as exc:
             shape_error = exc
             return
+        phase = "backward"
         loss_sum.backward()
 
     try:
@@ -90,19 +130,35 @@ def _meta_step(
         if isinstance(exc, NotImplementedError) or "meta" in message.lower():
             log.debug("meta-device forward not possible (%s); the workers check it", message)
             return model, None
-        raise ConfigError(
-            f"model._target_={job.model['_target_']} fails on a batch of data._target_="
-            f"{job.data['_target_']} (inputs {tuple(x.shape)}): {type(exc).__name__}: "
-            f"{message.splitlines()[0] if message else ''}. Fix: match the model's input "
-            "size to the data (the data offers: "
-            f"{', '.join(f'{k}={v}' for k, v in bundle.model_kwargs.items()) or 'nothing'})"
-        ) from None
+        raise ConfigError(_failure(job, bundle, loss, phase, x, exc)) from None
     if shape_error is not None:
         raise ConfigError(
             f"model._target_={job.model['_target_']} on data._target_={job.data['_target_']}: "
-            f"{shape_error}. Fix: make the model's output fit the '{bundle.task}' task"
+            f"{shape_error}. Fix: {shape_error.fix(bundle.task)}"
         )
     return model, flops / n if flops else None
+
+
+def _failure(
+    job: JobConfig, bundle: DataBundle, loss: Loss, phase: str, x: Any, exc: Exception
+) -> str:
+    """One line for an exception of the meta step, its Fix naming the phase that raised."""
+    message = str(exc).splitlines()[0] if str(exc) else ""
+    raised = f"{type(exc).__name__}: {message}"
+    if phase == "forward":
+        offers = ", ".join(f"{k}={v}" for k, v in bundle.model_kwargs.items()) or "nothing"
+        return (
+            f"model._target_={job.model['_target_']} fails on a batch of data._target_="
+            f"{job.data['_target_']} (inputs {_describe_batch(x)}): {raised}. Fix: match the "
+            "model's forward and input size to the batch: a tensor is passed as the argument, "
+            "a tuple as positional arguments, a dict as keyword arguments (the data offers: "
+            f"{offers})"
+        )
+    return (
+        f"{loss.name} fails on the outputs of model._target_={job.model['_target_']} "
+        f"({phase}): {raised}. Fix: make the loss fit the '{bundle.task}' task's outputs and "
+        "targets (dist_trainer.tasks)"
+    )
 
 
 def flops_per_sample(
