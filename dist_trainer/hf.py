@@ -58,8 +58,13 @@ def tiny_gpt2(
         resid_pdrop=dropout,
         embd_pdrop=dropout,
         attn_pdrop=dropout,
+        # GPT-2's own ids (50256) lie outside a small vocabulary: transformers warns of them.
+        bos_token_id=None,
+        eos_token_id=None,
     )
-    return transformers.GPT2LMHeadModel(config)
+    model = transformers.GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # what it falls back to anyway, without a warning per build
+    return model
 
 
 def pad_collate(

@@ -15,8 +15,10 @@ loss on meta tensors:
   per sample; each failure is one line whose Fix names the part that failed (input, output
   type, output shape or loss).
 
-Some models cannot run on meta tensors (data-dependent control flow, `.item()`); their forward
-is then checked by the first micro-step in the workers, which raises the same one-line error.
+Some models cannot run on meta tensors (data-dependent control flow, `.item()`, e.g. Hugging Face
+models given an attention mask); up to CPU_CHECK_MAX_PARAMETERS they are checked on the CPU with
+2 samples instead, and larger ones by the first micro-step in the workers, which raises the
+same one-line error for their outputs.
 The same meta model gives the FLOPs per sample behind `perf/tflops` and `perf/mfu`.
 """
 
@@ -90,23 +92,50 @@ def _describe_batch(x: Any) -> str:
     return type(x).__name__
 
 
-def _meta_batch(job: JobConfig, bundle: DataBundle, dtype: torch.dtype, n: int) -> tuple:
+CPU_CHECK_MAX_PARAMETERS = 100_000_000
+"""A model meta tensors cannot run (an attention mask read with `.item()`, as Hugging Face
+models do) is checked on the CPU instead, with real weights and 2 samples, up to this size (0.4
+GB in float32); a larger one is left to the first micro-step in the workers."""
+
+
+def _sample(
+    job: JobConfig, bundle: DataBundle, dtype: torch.dtype, n: int, device: str
+) -> tuple[Any, torch.Tensor]:
     x, y = sample_batch(bundle.train, n, build_collate(job), job.data_options.target_key)
 
-    def to_meta(t: torch.Tensor) -> torch.Tensor:
-        return t.to("meta", dtype=dtype if t.is_floating_point() else None)
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, dtype=dtype if t.is_floating_point() else None)
 
-    return map_tensors(to_meta, x), to_meta(torch.as_tensor(y))
+    return map_tensors(move, x), move(torch.as_tensor(y))
 
 
 def _meta_step(
     job: JobConfig, bundle: DataBundle, loss: Loss, dtype: torch.dtype, n: int
 ) -> tuple[torch.nn.Module, float | None]:
-    """Build the model on meta, run forward + loss + backward on `n` samples: (model, FLOPs)."""
-    with torch.device("meta"):
+    """Build the model on meta, run forward + loss + backward on `n` samples: (model, FLOPs);
+    where meta tensors cannot run it, on the CPU (CPU_CHECK_MAX_PARAMETERS)."""
+    return _check_step(job, bundle, loss, dtype, n, "meta")
+
+
+def _on_cpu_instead(
+    job: JobConfig, bundle: DataBundle, loss: Loss, dtype: torch.dtype, n: int, meta_model, why
+) -> tuple[torch.nn.Module, float | None]:
+    parameters = sum(p.numel() for p in meta_model.parameters())
+    if parameters > CPU_CHECK_MAX_PARAMETERS:
+        log.debug("meta-device forward not possible (%s); the workers check it", why)
+        return meta_model, None
+    log.debug("meta-device forward not possible (%s); checked on the CPU", why)
+    with torch.random.fork_rng(devices=[]):  # the real init must not move the caller's RNG
+        return _check_step(job, bundle, loss, dtype, min(n, 2), "cpu")
+
+
+def _check_step(
+    job: JobConfig, bundle: DataBundle, loss: Loss, dtype: torch.dtype, n: int, device: str
+) -> tuple[torch.nn.Module, float | None]:
+    with torch.device(device):
         model = build_model(job, bundle)
     model = model.to(dtype)
-    x, y = _meta_batch(job, bundle, dtype, n)
+    x, y = _sample(job, bundle, dtype, n, device)
     shape_error: OutputShapeError | None = None
     phase = "forward"
 
@@ -127,16 +156,16 @@ def _meta_step(
         flops = count_flops(step)
     except Exception as exc:  # noqa: BLE001 - a model meta tensors cannot run: checked later
         message = str(exc)
-        if isinstance(exc, NotImplementedError) or "meta" in message.lower():
-            log.debug("meta-device forward not possible (%s); the workers check it", message)
-            return model, None
+        meta = isinstance(exc, NotImplementedError) or "meta" in message.lower()
+        if device == "meta" and meta:
+            return _on_cpu_instead(job, bundle, loss, dtype, n, model, message)
         raise ConfigError(_failure(job, bundle, loss, phase, x, exc)) from None
     if shape_error is not None:
         raise ConfigError(
             f"model._target_={job.model['_target_']} on data._target_={job.data['_target_']}: "
             f"{shape_error}. Fix: {shape_error.fix(bundle.task)}"
         )
-    return model, flops / n if flops else None
+    return model, flops / len(y) if flops else None
 
 
 def _failure(

@@ -187,7 +187,10 @@ def check_outputs(
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks are {TASKS}")
-    outputs, _ = split_outputs(outputs, loss)
+    return _flatten(task, split_outputs(outputs, loss)[0], targets, loss)
+
+
+def _flatten(task: str, outputs: Tensor, targets: Tensor, loss: Loss) -> tuple[Tensor, Tensor]:
     if task == "binary":
         if outputs.dim() == 2 and outputs.shape[1] == 1:
             outputs = outputs.squeeze(1)
@@ -275,10 +278,12 @@ def loss_sums(
         ValueError: Unknown task. OutputShapeError: shapes that do not fit the task, or a
             criterion that reduces; OutputTypeError: outputs that hold no logits.
     """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; valid tasks are {TASKS}")
     logits, model_loss = split_outputs(outputs, loss)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    flat_out, flat_targets = check_outputs(task, logits, targets, loss)
+    flat_out, flat_targets = _flatten(task, logits, targets, loss)
     mask = _counted_mask(task, flat_targets, loss)
     if mask is None:
         count = flat_out.new_full((), flat_out.shape[0], dtype=torch.int64)  # no H2D copy
