@@ -159,6 +159,8 @@ def _call(call: TargetCall) -> Any:
         raise
     except Exception as exc:
         cause = exc.__cause__ or exc  # Hydra wraps the target's own error
+        if isinstance(cause, ConfigError):  # a factory of ours that names its key and fix
+            raise cause from None
         raise ConfigError(
             f"{call.group}._target_={call.path} raised {type(cause).__name__}: {cause}. Fix: "
             f"check the {call.group}.* arguments"
