@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,hf]"
 	touch $@
 
 run: setup ## train the default job: 2 workers on local Ray, MLflow in sqlite:///mlflow.db (ARGS=overrides)

@@ -84,6 +84,7 @@ import torch.distributed as dist
 
 from dist_trainer.batching import BatchPlan, BatchPlanError, plan_batches
 from dist_trainer.config import ConfigError, TrainerConfig
+from dist_trainer.loading import tensors_of
 
 __all__ = [
     "AutoMicroBatch",
@@ -290,7 +291,7 @@ class MicroStepProbe:
         for t in (*self.model.parameters(), *self.model.buffers()):
             add(t)
         x, y = self.load(size)
-        for t in (x, y):
+        for t in tensors_of((x, y)):  # the input may be a dict or a tuple of tensors
             add(t)
         with torch.autograd.graph.saved_tensors_hooks(add, lambda t: t):
             self.step(x, y)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ from dist_trainer.tasks import TASKS, Loss
 __all__ = [
     "RESERVED_KEYS",
     "TargetCall",
+    "build_collate",
     "build_data",
     "build_loss",
     "build_model",
@@ -43,7 +44,11 @@ __all__ = [
     "scaled_lr",
 ]
 
-RESERVED_KEYS = {"data": ("loader",), "loss": ("outputs",), "model": ()}
+RESERVED_KEYS = {
+    "data": ("loader", "target_key", "collate"),
+    "loss": ("outputs", "ignore_index", "shift_labels", "from_model"),
+    "model": (),
+}
 """Keys of a `_target_` node that configure dist_trainer, not the target (never passed to it)."""
 
 # Criteria whose input is a probability, not a logit: the binary task thresholds at 0.5.
@@ -154,6 +159,8 @@ def _call(call: TargetCall) -> Any:
         raise
     except Exception as exc:
         cause = exc.__cause__ or exc  # Hydra wraps the target's own error
+        if isinstance(cause, ConfigError):  # a factory of ours that names its key and fix
+            raise cause from None
         raise ConfigError(
             f"{call.group}._target_={call.path} raised {type(cause).__name__}: {cause}. Fix: "
             f"check the {call.group}.* arguments"
@@ -195,17 +202,25 @@ def build_model(job: JobConfig, bundle: DataBundle) -> torch.nn.Module:
     return model
 
 
+def _loss_settings(job: JobConfig) -> dict[str, Any]:
+    """What the LossOptions (and data.target_key) say, as Loss fields."""
+    options = job.loss_options
+    return {
+        "ignore_index": options.ignore_index,
+        "shift_labels": options.shift_labels,
+        "from_model": options.from_model,
+        "target_key": job.data_options.target_key,
+    }
+
+
 def build_loss(job: JobConfig) -> Loss:
-    """The criterion of `loss._target_` asked for per-element losses, or the task's default."""
-    node = dict(job.loss or {})
-    outputs = node.get("outputs", "auto")
-    if outputs not in ("auto", "logits", "probabilities"):
-        raise ConfigError(
-            f"loss.outputs must be auto, logits or probabilities, got {outputs!r}. Fix: "
-            "loss.outputs=probabilities for a model that ends in a sigmoid"
-        )
+    """The criterion of `loss._target_` asked for per-element losses, the task's default, or
+    the model's own (`loss=model`); with which targets count (`loss.ignore_index`, ...)."""
+    node = {k: v for k, v in (job.loss or {}).items() if k not in RESERVED_KEYS["loss"]}
+    outputs = job.loss_options.outputs
+    settings = _loss_settings(job)
     if not node.get("_target_"):
-        extra = [k for k in node if k not in ("_target_", "outputs")]
+        extra = [k for k in node if k != "_target_"]
         if extra:
             raise ConfigError(
                 f"loss.{extra[0]} is set but loss._target_ is not. Fix: name the criterion, "
@@ -216,7 +231,9 @@ def build_loss(job: JobConfig) -> Loss:
                 "loss.outputs=probabilities needs a loss that takes probabilities. Fix: "
                 "loss._target_=torch.nn.BCELoss"
             )
-        return Loss()
+        if settings["from_model"]:
+            return Loss(name="the model's own loss (loss=model)", **settings)
+        return Loss(**settings)
     path = str(node["_target_"])
     if "reduction" in node:
         raise ConfigError(
@@ -234,7 +251,33 @@ def build_loss(job: JobConfig) -> Loss:
     probabilities = outputs == "probabilities" or (
         outputs == "auto" and path in _PROBABILITY_LOSSES
     )
-    return Loss(fn=fn, name=path, probabilities=probabilities)
+    return Loss(fn=fn, name=path, probabilities=probabilities, **settings)
+
+
+def build_collate(job: JobConfig) -> Callable[[list[Any]], Any] | None:
+    """The user's collate function (`data.collate._target_`), or None for default_collate."""
+    node = job.data_options.collate
+    if node is None:
+        return None
+    path = str(node["_target_"])
+    target = import_target(path, key="data.collate._target_")
+    own = {k: v for k, v in node.items() if k != "_target_"}
+    if inspect.isclass(target):
+        fn = _call(TargetCall("data.collate", path, target, own))
+    else:
+        params, takes_any = _signature(target)
+        for key in own:
+            if not takes_any and key not in params:
+                raise ConfigError(
+                    f"data.collate.{key}: {path} does not accept '{key}' (it takes: "
+                    f"{', '.join(params) or 'no arguments'}). Fix: remove data.collate.{key}"
+                )
+        fn = functools.partial(target, **own) if own else target
+    if not callable(fn):
+        raise ConfigError(
+            f"data.collate._target_={path} built a {type(fn).__name__}, not a callable"
+        )
+    return fn
 
 
 def scaled_lr(optim: OptimConfig, global_batch_size: int) -> float:

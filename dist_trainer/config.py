@@ -21,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 __all__ = [
     "CommConfig",
     "ConfigError",
+    "DataOptions",
     "JobConfig",
+    "LossOptions",
     "OptimConfig",
     "Precision",
     "ScalingConfig",
@@ -384,6 +386,81 @@ class TelemetryConfig:
 
 
 @dataclass
+class LossOptions:
+    """The keys of the `loss` node that configure dist_trainer, not the criterion (`loss.*`).
+
+    They are never passed to `loss._target_`; conf/loss/default.yaml and conf/loss/model.yaml
+    (`loss=model`) set them."""
+
+    outputs: str = "auto"
+    """auto | logits | probabilities: whether a binary model's outputs are probabilities (auto:
+    yes for BCELoss), so predictions threshold at 0.5 instead of 0."""
+    ignore_index: int | None = -100
+    """multiclass and lm: targets equal to this value are left out of the loss, the accuracy and
+    the count the loss is divided by (-100: what Hugging Face's collators pad labels with).
+    null: every target counts. The binary task does not use it."""
+    shift_labels: bool = False
+    """lm: the targets are the inputs themselves (Hugging Face's causal-LM convention, labels =
+    input_ids), so the logits at position t are scored against target t + 1. false: the data
+    gives targets already aligned with the outputs (dist_trainer.data.tiny_text)."""
+    from_model: bool = False
+    """Use the loss the model returns (`loss=model`; Hugging Face's outputs.loss): the targets
+    go to forward as data.target_key=..., and the model's mean over its micro-batch is weighted
+    by the micro-batch's counted targets so accumulation and DDP stay exact. Set
+    shift_labels and ignore_index as the model counts them (a causal LM: shift_labels=true)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.outputs in ("auto", "logits", "probabilities"),
+            f"loss.outputs must be auto, logits or probabilities, got {self.outputs!r}. Fix: "
+            "loss.outputs=probabilities for a model that ends in a sigmoid",
+        )
+        ii = self.ignore_index
+        _require(
+            ii is None or (isinstance(ii, int) and not isinstance(ii, bool)),
+            f"loss.ignore_index must be an integer or null, got {ii!r}. Fix: "
+            "loss.ignore_index=-100",
+        )
+        for key in ("shift_labels", "from_model"):
+            value = getattr(self, key)
+            _require(
+                isinstance(value, bool),
+                f"loss.{key} must be true or false, got {value!r}. Fix: loss.{key}=false",
+            )
+
+
+@dataclass
+class DataOptions:
+    """How a batch is assembled from dataset items (`data.target_key`, `data.collate`): keys of
+    the `data` node that are not passed to `data._target_`."""
+
+    target_key: str = "labels"
+    """For dict items (what Hugging Face datasets give): the key of the targets; every other
+    key goes to the model's forward as a keyword argument (input_ids=..., attention_mask=...).
+    With loss=model the targets go to forward under this key too."""
+    collate: Any = None
+    """A collate function of yours: `_target_` of a function `fn(items, **kwargs) -> batch`
+    (kwargs: the node's other keys) or of a class whose instances are one; the batch is an
+    (input, target) pair or a dict with data.target_key. E.g. padding to the longest sequence.
+    null: torch's default_collate. Setting it feeds the data through the DataLoader."""
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.target_key, str) and bool(self.target_key),
+            f"data.target_key must be a non-empty string, got {self.target_key!r}. Fix: "
+            "data.target_key=labels",
+        )
+        c = self.collate
+        _require(
+            c is None or (isinstance(c, dict) and bool(c.get("_target_"))),
+            f"data.collate must be null or a node with a _target_, got {c!r}. Fix: "
+            "data.collate._target_=your_package.pad_collate",
+        )
+        if c is not None:
+            import_target(c["_target_"], key="data.collate._target_")
+
+
+@dataclass
 class JobConfig:
     """The whole job. `model` and `data` are `_target_` dictionaries (see conf/model, conf/data)."""
 
@@ -391,12 +468,14 @@ class JobConfig:
     """The network: `_target_` import path of an nn.Module class or factory, plus its kwargs."""
     data: Any = None
     """The data: `_target_` of a factory returning dist_trainer.data.DataBundle, plus kwargs.
-    `data.loader.*` (dist_trainer.loading.LoaderConfig) says how it is fed and is not passed."""
+    `data.loader.*` (dist_trainer.loading.LoaderConfig) says how it is fed, `data.target_key`
+    and `data.collate` (DataOptions) how items become a batch; those are not passed."""
     loss: Any = field(default_factory=lambda: {"_target_": None})
     """The criterion: `_target_` of a torch loss class or a function `fn(outputs, targets)`,
     plus its kwargs (e.g. loss.label_smoothing=0.1); null: the task's default. It is always
-    asked for per-element losses; `loss.outputs` (auto | logits | probabilities) says whether
-    a binary model's outputs are probabilities (auto: yes for BCELoss)."""
+    asked for per-element losses. `loss.outputs`, `loss.ignore_index`, `loss.shift_labels` and
+    `loss.from_model` (LossOptions) configure dist_trainer and are not passed; `loss=model`
+    uses the model's own loss."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -419,6 +498,18 @@ class JobConfig:
         )
         if self.loss and self.loss.get("_target_"):
             import_target(self.loss["_target_"], key="loss._target_")
+        loss = self.loss or {}
+        self.loss_options = LossOptions(
+            **{k: loss[k] for k in LossOptions.__dataclass_fields__ if k in loss}
+        )
+        _require(
+            not (self.loss_options.from_model and loss.get("_target_")),
+            f"loss=model uses the model's own loss, but loss._target_={loss.get('_target_')} is "
+            "set too. Fix: drop loss._target_, or use loss=default with it",
+        )
+        self.data_options = DataOptions(
+            **{k: self.data[k] for k in DataOptions.__dataclass_fields__ if k in self.data}
+        )
         from dist_trainer.loading import LoaderConfig  # loading imports this module
 
         loader = self.data.get("loader") or {}

@@ -2,10 +2,18 @@
 
 Which samples a rank sees is decided by `sampling.GlobalBatchSampler` alone (exact global batches,
 the short last one included), which is why `torch.utils.data.DistributedSampler` is not used here
-either (see sampling.py). This module only turns those indices into (x, y) on the device:
+either (see sampling.py). This module only turns those indices into (x, y) on the device.
 
-- in memory: a TensorDataset of (x, y) moves to the device once, and so does each epoch's sample
-  order; a micro-batch is then an index gather on the device, with no host-to-device copy per step.
+An item is an `(input, target)` pair or a dict (what Hugging Face datasets give): a dict's
+`data.target_key` entry (default `labels`) is the target and the other entries are the input, a
+dict the model gets as keyword arguments (dist_trainer.tasks.forward_batch); an input that is a
+tuple (e.g. `(input_ids, attention_mask)`) is passed positionally. Items are collated by torch's
+default_collate or by the user's `data.collate` (padding to the longest sequence, ...), in the
+loader's workers; the batch is then split into (x, y) there too.
+
+- in memory: a TensorDataset of (x, y) (and no `data.collate`) moves to the device once, and so
+  does each epoch's sample order; a micro-batch is then an index gather on the device, with no
+  host-to-device copy per step.
 - DataLoader: any other map-style dataset (or `data.loader.in_memory=false`) goes through ONE
   DataLoader per feed whose batch sampler yields the rank's non-empty micro-batches in order;
   re-iterating it each epoch keeps persistent workers alive. Batches are pinned on CUDA and
@@ -25,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,10 +44,74 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 from dist_trainer.config import ConfigError
 from dist_trainer.sampling import GlobalBatchSampler
 
-__all__ = ["BatchFeed", "FedStep", "LoaderConfig"]
+__all__ = ["BatchFeed", "FedStep", "LoaderConfig", "collate_items", "map_tensors", "tensors_of"]
 
 _MASK64 = 2**64 - 1
-_Batch = tuple[torch.Tensor, torch.Tensor]
+_Batch = tuple[Any, torch.Tensor]  # (input: a tensor, a tuple or a dict of them; target)
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
+    """`obj` with `fn` applied to every tensor in it (through dicts, tuples and lists)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return type(obj)(map_tensors(fn, v) for v in obj)
+    return obj
+
+
+def tensors_of(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in `obj` (through dicts, tuples and lists)."""
+    found: list[torch.Tensor] = []
+    map_tensors(found.append, obj)
+    return found
+
+
+def _describe_item(item: Any) -> str:
+    if isinstance(item, Mapping):
+        return f"a dict with keys {list(item)}"
+    if isinstance(item, tuple | list):
+        return f"a {type(item).__name__} of length {len(item)}"
+    return f"a {type(item).__name__}"
+
+
+def _split(batch: Any, target_key: str, source: str) -> _Batch:
+    """(input, target) from a collated batch: a pair, or a dict holding `target_key`."""
+    if isinstance(batch, Mapping) and target_key in batch:
+        inputs = {k: v for k, v in batch.items() if k != target_key}
+        return inputs, torch.as_tensor(batch[target_key])
+    if isinstance(batch, tuple | list) and len(batch) == 2:
+        return batch[0], torch.as_tensor(batch[1])
+    hint = (
+        f"a dict must hold the targets under data.target_key={target_key}. Fix: set "
+        "data.target_key to the targets' key"
+        if isinstance(batch, Mapping)
+        else "Fix: return (x, y) or a dict with the targets under data.target_key"
+    )
+    raise ValueError(
+        f"{source} must give (input, target) pairs or dicts; it gives {_describe_item(batch)}: "
+        f"{hint}"
+    )
+
+
+class _Collate:
+    """Collate items (default_collate or the user's `data.collate`), then split into (x, y)."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any] | None, target_key: str) -> None:
+        self.collate, self.target_key = collate, target_key
+        self.source = "data.collate" if collate is not None else "the dataset (data._target_)"
+
+    def __call__(self, items: list[Any]) -> _Batch:
+        batch = (self.collate or default_collate)(items)
+        return _split(batch, self.target_key, self.source)
+
+
+def collate_items(
+    items: list[Any], collate: Callable[[list[Any]], Any] | None = None, target_key: str = "labels"
+) -> _Batch:
+    """(input, target) of a list of dataset items, as a feed's loader collates them."""
+    return _Collate(collate, target_key)(items)
 
 
 def _is_int(value: Any) -> bool:
@@ -124,10 +196,10 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 class _Items(Dataset):
-    """Loads a `(seed, indices)` key under its seed and checks every item is an (x, y) pair."""
+    """Loads a `(seed, indices)` key under its seed and checks every item is a pair or a dict."""
 
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Any, target_key: str) -> None:
+        self.dataset, self.target_key = dataset, target_key
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -138,13 +210,18 @@ class _Items(Dataset):
             many = getattr(self.dataset, "__getitems__", None)
             items = many(indices) if many else [self.dataset[i] for i in indices]
         for item in items:
-            sequence = isinstance(item, (tuple, list))
-            if not (sequence and len(item) == 2):
-                what = type(item).__name__ + (f" of length {len(item)}" if sequence else "")
+            pair = isinstance(item, (tuple, list)) and len(item) == 2
+            if not (pair or isinstance(item, Mapping)):
                 raise ValueError(
                     f"the dataset {type(self.dataset).__name__} (data._target_) must return "
-                    f"(input, target) pairs; an item is a {what}. Fix: return (x, y) from its "
-                    "__getitem__"
+                    f"(input, target) pairs or dicts; an item is {_describe_item(item)}. Fix: "
+                    "return (x, y) or {..., data.target_key: y} from its __getitem__"
+                )
+            if isinstance(item, Mapping) and self.target_key not in item:
+                raise ValueError(
+                    f"an item of the dataset {type(self.dataset).__name__} (data._target_) is "
+                    f"a dict with keys {list(item)} but no '{self.target_key}' (the targets). "
+                    "Fix: data.target_key=<the targets' key>"
                 )
         return items
 
@@ -166,11 +243,13 @@ class BatchFeed:
     """Turns a rank's indices (from `sampling.GlobalBatchSampler`) into (x, y) on the device.
 
     Args:
-        dataset: map-style dataset whose items are (input, target) pairs.
+        dataset: map-style dataset whose items are (input, target) pairs or dicts.
         device: where batches go.
         float_dtype: floating inputs and targets are cast to it; integer ones are kept.
         cfg: `data.loader.*`.
         seed: seeds the per-batch RNG of the dataset (with rank, epoch, step, micro-step).
+        target_key: the targets' key in dict items (`data.target_key`).
+        collate: the user's collate function (`data.collate`), or None for default_collate.
     """
 
     def __init__(
@@ -180,6 +259,8 @@ class BatchFeed:
         float_dtype: torch.dtype,
         cfg: LoaderConfig,
         seed: int = 0,
+        target_key: str = "labels",
+        collate: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         self.dataset, self.device, self.float_dtype = dataset, torch.device(device), float_dtype
         self.cfg, self.seed = cfg, seed
@@ -190,17 +271,19 @@ class BatchFeed:
             and len(tensors) == 2
             and all(isinstance(t, torch.Tensor) for t in tensors)
         )
-        if cfg.in_memory is True and not pair:
+        if cfg.in_memory is True and (not pair or collate is not None):
+            why = "a data.collate function" if pair else type(dataset).__name__
             raise ConfigError(
-                "data.loader.in_memory=true needs a TensorDataset of (input, target) tensors, "
-                f"got {type(dataset).__name__}. Fix: data.loader.in_memory=auto"
+                "data.loader.in_memory=true needs a TensorDataset of (input, target) tensors "
+                f"and no data.collate, got {why}. Fix: data.loader.in_memory=auto"
             )
-        self._in_memory = pair and cfg.in_memory is not False
+        self._in_memory = pair and collate is None and cfg.in_memory is not False
         self._loader: DataLoader | None = None
         if self._in_memory:
             self._x, self._y = (self._cast(t.to(self.device)) for t in tensors)
             return
-        items = _Items(dataset)
+        items = _Items(dataset, target_key)
+        self._collate = _Collate(collate, target_key)
         workers = cfg.num_workers
         self._keys = _Keys()
         self._loader = DataLoader(
@@ -210,7 +293,7 @@ class BatchFeed:
             pin_memory=self.device.type == "cuda" if cfg.pin_memory == "auto" else cfg.pin_memory,
             persistent_workers=cfg.persistent_workers and workers > 0,
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
-            collate_fn=default_collate,
+            collate_fn=self._collate,
             generator=torch.Generator().manual_seed(seed & _MASK64),  # spares the global RNG
         )
         # One item, collated and sliced: the template of an empty micro-batch (and an early check
@@ -218,13 +301,18 @@ class BatchFeed:
         self._live: Any = None  # the DataLoader iterator in use (workers to shut down)
         x, y = torch.empty(0), torch.empty(0)
         if len(items):
-            x, y = default_collate(items.__getitems__((_seed_of(seed, 2), [0])))
-        self._empty = self._to_device(x[:0], y[:0])
+            x, y = self._collate(items.__getitems__((_seed_of(seed, 2), [0])))
+        self._empty = self._to_device(map_tensors(lambda t: t[:0], x), y[:0])
 
     @property
     def in_memory(self) -> bool:
         """True when the dataset's tensors live on the device and batches are index gathers."""
         return self._in_memory
+
+    @property
+    def resident_targets(self) -> torch.Tensor | None:
+        """The whole split's targets on the device (the in-memory path), else None."""
+        return self._y if self._in_memory else None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -232,12 +320,12 @@ class BatchFeed:
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.float_dtype) if t.is_floating_point() else t
 
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> _Batch:
+    def _to_device(self, x: Any, y: torch.Tensor) -> _Batch:
         # Copy first, cast on the device: a pinned source makes the copy asynchronous.
-        return (
-            self._cast(x.to(self.device, non_blocking=True)),
-            self._cast(y.to(self.device, non_blocking=True)),
-        )
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return self._cast(t.to(self.device, non_blocking=True))
+
+        return map_tensors(move, x), move(y)
 
     def steps(
         self, sampler: GlobalBatchSampler, epoch: int, start_step: int = 0

@@ -65,9 +65,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_trainer import autobatch, comm, perf, telemetry
+from dist_trainer import autobatch, comm, hf, perf, telemetry
 from dist_trainer.batching import BatchPlan
 from dist_trainer.build import (
+    build_collate,
     build_data,
     build_loss,
     build_model,
@@ -81,7 +82,14 @@ from dist_trainer.metrics import IntervalMetrics, StepClock
 from dist_trainer.preflight import flops_per_sample
 from dist_trainer.run_logger import NullLogger, RunLogger, SystemMetrics
 from dist_trainer.sampling import GlobalBatchSampler, shard_for_rank
-from dist_trainer.tasks import OutputShapeError, check_outputs, loss_sums
+from dist_trainer.tasks import (
+    OutputShapeError,
+    TargetCount,
+    check_outputs,
+    forward_batch,
+    loss_sums,
+    split_outputs,
+)
 
 __all__ = ["Trainer", "WorkerInfo", "run_training"]
 
@@ -151,10 +159,16 @@ class Trainer:
         self.loss = build_loss(job)
         if isinstance(self.loss.fn, torch.nn.Module):  # e.g. a class weight tensor
             self.loss.fn.to(self.device)
-        self.train_feed = BatchFeed(self.data.train, self.device, self.dtype, job.loader)
-        self.val_feed = BatchFeed(self.data.val, self.device, self.dtype, job.loader)
+        batching = {"target_key": job.data_options.target_key, "collate": build_collate(job)}
+        feed = (self.device, self.dtype, job.loader)
+        self.train_feed = BatchFeed(self.data.train, *feed, **batching)
+        self.val_feed = BatchFeed(self.data.val, *feed, **batching)
         self.model = build_model(job, self.data).to(device=self.device, dtype=self.dtype)
         self.distributed = dist.is_available() and dist.is_initialized()
+        # What a step's loss is divided by: its global batch's counted targets (tasks.py).
+        self.targets = TargetCount(
+            self.data.task, self.loss, self.distributed, self.train_feed.resident_targets
+        )
         self.autocast = (
             torch.autocast(self.device.type, dtype=precision.autocast_dtype)
             if precision.autocast_dtype is not None
@@ -259,28 +273,33 @@ class Trainer:
     def _probe_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """A micro-step's forward and backward on the bare model: nothing is all-reduced."""
         with self.autocast:
-            outputs = self.model(x)
+            outputs = forward_batch(self.model, x, y, self.loss)
             if not self._first_outputs_checked:
                 self._check_first_outputs(outputs, y)
             loss_sum, _, _ = loss_sums(self.data.task, outputs, y, self.loss)
         loss_sum.backward()
 
     # ---------------------------------------------------------------- steps
-    def _loss_scale(self, global_count: int) -> float:
-        # The sum of per-sample losses times this makes the all-reduced gradient the mean over
-        # the whole global batch: the meter's hook sums over ranks (no division pass over the
-        # gradients); DDP's built-in hook averages, so then the scale carries world_size.
+    def _loss_scale(self, step: FedStep) -> float | torch.Tensor:
+        # The sum of per-target losses times this makes the all-reduced gradient the mean over
+        # the whole global batch's counted targets: the meter's hook sums over ranks (no
+        # division pass over the gradients); DDP's built-in hook averages, so then the scale
+        # carries world_size. The count is a device tensor where ignored targets make each
+        # step count them (one small all-reduce, tasks.TargetCount).
         world = 1 if self.meter.attached else self.info.world_size
-        return world / global_count
+        count = self.targets.of_step([y for _, y in step.micro_batches], step.global_count)
+        if isinstance(count, torch.Tensor):
+            return world / count.clamp_min(1).to(self.dtype)
+        return world / max(1, count)
 
     def _micro_step(
-        self, x: torch.Tensor, y: torch.Tensor, scale: float, sync: bool
+        self, x: Any, y: torch.Tensor, scale: float | torch.Tensor, sync: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward and backward of one micro-batch; returns its (loss sum, correct, count)."""
         syncs = sync or not self.distributed
         with contextlib.nullcontext() if syncs else self.ddp.no_sync():
             with self.autocast:
-                outputs = self.forward(x)
+                outputs = forward_batch(self.forward, x, y, self.loss)
                 if not self._first_outputs_checked:
                     self._check_first_outputs(outputs, y)
                 loss_sum, correct, count = loss_sums(self.data.task, outputs, y, self.loss)
@@ -291,7 +310,7 @@ class Trainer:
     def train_step(self, step: FedStep) -> None:
         """One optimizer step: accumulate the micro-steps, all-reduce once, update."""
         micro = step.micro_batches
-        scale = self._loss_scale(step.global_count)
+        scale = self._loss_scale(step)
         timing = self.probe.begin(self.step, [len(y) for _, y in micro])
         if timing.extra:  # compute-only reference for comm/exposed_s; its gradients are dropped
             with timing.time("extra"):
@@ -327,19 +346,18 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _check_first_outputs(self, outputs: torch.Tensor, y: torch.Tensor) -> None:
+    def _check_first_outputs(self, outputs: Any, y: torch.Tensor) -> None:
         """Once, on the first micro-batch: outputs that do not fit the task or the loss."""
         self._first_outputs_checked = True
         try:
-            check_outputs(self.data.task, outputs, y)
+            check_outputs(self.data.task, outputs, y, self.loss)
         except OutputShapeError as exc:
             raise ConfigError(
                 f"model._target_={self.job.model['_target_']} on data._target_="
-                f"{self.job.data['_target_']}: {exc}. Fix: make the model's output fit the "
-                f"'{self.data.task}' task"
+                f"{self.job.data['_target_']}: {exc}. Fix: {exc.fix(self.data.task)}"
             ) from None
         if self.info.rank == 0 and self.data.task != "lm" and self.loss.takes_logits:
-            detached = outputs.detach()
+            detached = split_outputs(outputs, self.loss)[0].detach()
             if detached.numel() and bool(((detached >= 0) & (detached <= 1)).all()):
                 log.warning(
                     "every output of the first batch lies in [0, 1], but %s takes logits: if "
@@ -379,7 +397,8 @@ class Trainer:
         loss_sum, correct, count = zero.clone(), zero.clone(), zero.clone()
         for x, y in self.val_feed.batches(idx, max(1, 2 * self.plan.micro_batch_size)):
             with self.autocast:
-                ls, c, n = loss_sums(self.data.task, self.model(x), y, self.loss)
+                outputs = forward_batch(self.model, x, y, self.loss)
+                ls, c, n = loss_sums(self.data.task, outputs, y, self.loss)
             loss_sum += ls
             correct += c
             count += n
@@ -387,8 +406,9 @@ class Trainer:
         if self.distributed:
             dist.all_reduce(totals)
         self.model.train()
-        loss_sum, correct, count, samples = totals.tolist()
-        return {"val/loss": loss_sum / max(1.0, samples), "val/accuracy": correct / max(1.0, count)}
+        loss_sum, correct, count, _ = totals.tolist()
+        # Both over the counted targets (samples, or tokens for lm; ignored ones left out).
+        return {"val/loss": loss_sum / max(1.0, count), "val/accuracy": correct / max(1.0, count)}
 
     # ---------------------------------------------------------------- state
     def elapsed_s(self) -> float:
@@ -599,13 +619,17 @@ class Trainer:
         }
 
     def log_final_weights(self) -> None:
-        """Rank 0: the trained weights as an MLflow artifact (model/state_dict.pt)."""
+        """Rank 0: the trained weights as an MLflow artifact (model/state_dict.pt), and where
+        the model has `save_pretrained` (Hugging Face) that folder too, as model/pretrained/,
+        which `from_pretrained` loads."""
         if self.info.rank != 0 or not self.job.tracking.log_model:
             return
         folder = tempfile.mkdtemp(prefix="dist_trainer_model_")
         path = os.path.join(folder, "state_dict.pt")
         torch.save(self.model.state_dict(), path)
         self.logger.log_artifact(path, "model")  # the logger thread reads it before close()
+        for file, artifact_dir in hf.save_pretrained(self.model, os.path.join(folder, "hf")):
+            self.logger.log_artifact(file, f"model/pretrained{artifact_dir}")
 
 
 def run_training(

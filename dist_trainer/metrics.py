@@ -189,7 +189,8 @@ class IntervalMetrics:
         step_s = float(cols["step_s"].max())  # the slowest rank sets the pace
         samples_per_s = self.samples / max(1e-12, step_s * self.steps)
         metrics = {
-            "train/loss": float(loss_sum) / max(1, self.samples),
+            # Over the counted targets (samples, or tokens for lm; ignored ones left out).
+            "train/loss": float(loss_sum) / max(1.0, float(count)),
             "train/accuracy": float(correct) / max(1.0, float(count)),
             "perf/step_time_s": step_s,
             "perf/samples_per_s": samples_per_s,

@@ -9,27 +9,36 @@ loss on meta tensors:
 * every `model.*`, `data.*` and `loss.*` key is one its target accepts (dist_trainer.build);
 * the model has trainable parameters (DDP's own error for this does not say "model");
 * the training split holds at least one global batch when `trainer.drop_last=true`;
-* the model's output shape fits the data's task, and the loss returns one value per sample.
+* the batch's inputs suit the model's forward (a dict's keys are keyword arguments);
+* the model's output holds logits (a tensor, a dict / ModelOutput with `logits`, a tuple whose
+  first item is the logits), their shape fits the data's task, and the loss returns one value
+  per sample; each failure is one line whose Fix names the part that failed (input, output
+  type, output shape or loss).
 
-Some models cannot run on meta tensors (data-dependent control flow, `.item()`); their forward
-is then checked by the first micro-step in the workers, which raises the same one-line error.
+Some models cannot run on meta tensors (data-dependent control flow, `.item()`, e.g. Hugging Face
+models given an attention mask); up to CPU_CHECK_MAX_PARAMETERS they are checked on the CPU with
+2 samples instead, and larger ones by the first micro-step in the workers, which raises the
+same one-line error for their outputs.
 The same meta model gives the FLOPs per sample behind `perf/tflops` and `perf/mfu`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from dist_trainer.batching import BatchPlan
-from dist_trainer.build import build_data, build_loss, build_model, resolve_call
+from dist_trainer.build import build_collate, build_data, build_loss, build_model, resolve_call
 from dist_trainer.config import ConfigError, JobConfig
 from dist_trainer.data import DataBundle
+from dist_trainer.loading import collate_items, map_tensors
 from dist_trainer.perf import count_flops
-from dist_trainer.tasks import Loss, OutputShapeError, check_outputs, loss_sums
+from dist_trainer.tasks import Loss, OutputShapeError, check_outputs, forward_batch, loss_sums
 
 __all__ = ["Preflight", "flops_per_sample", "preflight", "sample_batch"]
 
@@ -45,64 +54,140 @@ class Preflight:
     flops_per_sample: float | None = None
 
 
-def sample_batch(dataset: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `n` samples of a map-style dataset as one (x, y) batch on the CPU."""
+def sample_batch(
+    dataset: Dataset,
+    n: int,
+    collate: Callable[[list[Any]], Any] | None = None,
+    target_key: str = "labels",
+) -> tuple[Any, torch.Tensor]:
+    """The first `n` samples of a map-style dataset as one (input, target) batch on the CPU,
+    collated as the feed collates them (dist_trainer.loading): the input may be a dict."""
     tensors = getattr(dataset, "tensors", None)
     n = max(1, min(n, len(dataset)))
-    if tensors is not None and len(tensors) == 2:
+    if tensors is not None and len(tensors) == 2 and collate is None:
         return tensors[0][:n], tensors[1][:n]
-    batch = default_collate([dataset[i] for i in range(n)])
-    if not isinstance(batch, list | tuple) or len(batch) != 2:
+    items = [dataset[i] for i in range(n)]
+    try:
+        return collate_items(items, collate, target_key)
+    except ValueError as exc:
+        raise ConfigError(f"data: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's collate function, or default_collate
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        where = "data.collate._target_" if collate is not None else "default_collate"
         raise ConfigError(
-            "data: a dataset item must be an (input, target) pair. Fix: return (x, y) from "
-            "your dataset's __getitem__"
-        )
-    return torch.as_tensor(batch[0]), torch.as_tensor(batch[1])
+            f"data: {where} fails on items of data._target_ ({type(items[0]).__name__}): "
+            f"{type(exc).__name__}: {message}. Fix: return (x, y) or a dict of tensors of one "
+            "shape per key from the dataset, or pad them in data.collate"
+        ) from None
+
+
+def _describe_batch(x: Any) -> str:
+    """The shapes of a batch's inputs, for messages."""
+    if isinstance(x, torch.Tensor):
+        return str(tuple(x.shape))
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}: {_describe_batch(v)}" for k, v in x.items()) + "}"
+    if isinstance(x, tuple | list):
+        return "(" + ", ".join(_describe_batch(v) for v in x) + ")"
+    return type(x).__name__
+
+
+CPU_CHECK_MAX_PARAMETERS = 100_000_000
+"""A model meta tensors cannot run (an attention mask read with `.item()`, as Hugging Face
+models do) is checked on the CPU instead, with real weights and 2 samples, up to this size (0.4
+GB in float32); a larger one is left to the first micro-step in the workers."""
+
+
+def _sample(
+    job: JobConfig, bundle: DataBundle, dtype: torch.dtype, n: int, device: str
+) -> tuple[Any, torch.Tensor]:
+    x, y = sample_batch(bundle.train, n, build_collate(job), job.data_options.target_key)
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, dtype=dtype if t.is_floating_point() else None)
+
+    return map_tensors(move, x), move(torch.as_tensor(y))
 
 
 def _meta_step(
     job: JobConfig, bundle: DataBundle, loss: Loss, dtype: torch.dtype, n: int
 ) -> tuple[torch.nn.Module, float | None]:
-    """Build the model on meta, run forward + loss + backward on `n` samples: (model, FLOPs)."""
-    with torch.device("meta"):
+    """Build the model on meta, run forward + loss + backward on `n` samples: (model, FLOPs);
+    where meta tensors cannot run it, on the CPU (CPU_CHECK_MAX_PARAMETERS)."""
+    return _check_step(job, bundle, loss, dtype, n, "meta")
+
+
+def _on_cpu_instead(
+    job: JobConfig, bundle: DataBundle, loss: Loss, dtype: torch.dtype, n: int, meta_model, why
+) -> tuple[torch.nn.Module, float | None]:
+    parameters = sum(p.numel() for p in meta_model.parameters())
+    if parameters > CPU_CHECK_MAX_PARAMETERS:
+        log.debug("meta-device forward not possible (%s); the workers check it", why)
+        return meta_model, None
+    log.debug("meta-device forward not possible (%s); checked on the CPU", why)
+    with torch.random.fork_rng(devices=[]):  # the real init must not move the caller's RNG
+        return _check_step(job, bundle, loss, dtype, min(n, 2), "cpu")
+
+
+def _check_step(
+    job: JobConfig, bundle: DataBundle, loss: Loss, dtype: torch.dtype, n: int, device: str
+) -> tuple[torch.nn.Module, float | None]:
+    with torch.device(device):
         model = build_model(job, bundle)
     model = model.to(dtype)
-    x, y = sample_batch(bundle.train, n)
-    x = x.to("meta", dtype=dtype if x.is_floating_point() else None)
-    y = y.to("meta", dtype=dtype if y.is_floating_point() else None)
+    x, y = _sample(job, bundle, dtype, n, device)
     shape_error: OutputShapeError | None = None
+    phase = "forward"
 
     def step() -> None:
-        nonlocal shape_error
-        outputs = model(x)
+        nonlocal shape_error, phase
+        outputs = forward_batch(model, x, y, loss)
+        phase = "loss"
         try:
-            check_outputs(bundle.task, outputs, y)
+            check_outputs(bundle.task, outputs, y, loss)
             loss_sum, _, _ = loss_sums(bundle.task, outputs, y, loss)
         except OutputShapeError as exc:
             shape_error = exc
             return
+        phase = "backward"
         loss_sum.backward()
 
     try:
         flops = count_flops(step)
     except Exception as exc:  # noqa: BLE001 - a model meta tensors cannot run: checked later
         message = str(exc)
-        if isinstance(exc, NotImplementedError) or "meta" in message.lower():
-            log.debug("meta-device forward not possible (%s); the workers check it", message)
-            return model, None
-        raise ConfigError(
-            f"model._target_={job.model['_target_']} fails on a batch of data._target_="
-            f"{job.data['_target_']} (inputs {tuple(x.shape)}): {type(exc).__name__}: "
-            f"{message.splitlines()[0] if message else ''}. Fix: match the model's input "
-            "size to the data (the data offers: "
-            f"{', '.join(f'{k}={v}' for k, v in bundle.model_kwargs.items()) or 'nothing'})"
-        ) from None
+        meta = isinstance(exc, NotImplementedError) or "meta" in message.lower()
+        if device == "meta" and meta:
+            return _on_cpu_instead(job, bundle, loss, dtype, n, model, message)
+        raise ConfigError(_failure(job, bundle, loss, phase, x, exc)) from None
     if shape_error is not None:
         raise ConfigError(
             f"model._target_={job.model['_target_']} on data._target_={job.data['_target_']}: "
-            f"{shape_error}. Fix: make the model's output fit the '{bundle.task}' task"
+            f"{shape_error}. Fix: {shape_error.fix(bundle.task)}"
         )
-    return model, flops / n if flops else None
+    return model, flops / len(y) if flops else None
+
+
+def _failure(
+    job: JobConfig, bundle: DataBundle, loss: Loss, phase: str, x: Any, exc: Exception
+) -> str:
+    """One line for an exception of the meta step, its Fix naming the phase that raised."""
+    message = str(exc).splitlines()[0] if str(exc) else ""
+    raised = f"{type(exc).__name__}: {message}"
+    if phase == "forward":
+        offers = ", ".join(f"{k}={v}" for k, v in bundle.model_kwargs.items()) or "nothing"
+        return (
+            f"model._target_={job.model['_target_']} fails on a batch of data._target_="
+            f"{job.data['_target_']} (inputs {_describe_batch(x)}): {raised}. Fix: match the "
+            "model's forward and input size to the batch: a tensor is passed as the argument, "
+            "a tuple as positional arguments, a dict as keyword arguments (the data offers: "
+            f"{offers})"
+        )
+    return (
+        f"{loss.name} fails on the outputs of model._target_={job.model['_target_']} "
+        f"({phase}): {raised}. Fix: make the loss fit the '{bundle.task}' task's outputs and "
+        "targets (dist_trainer.tasks)"
+    )
 
 
 def flops_per_sample(

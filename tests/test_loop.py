@@ -186,6 +186,10 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
 def test_every_experiment_preset_runs_one_step(preset):
+    if preset == "tiny_gpt2":  # a Hugging Face model: the optional extra
+        pytest.importorskip(
+            "transformers", reason="transformers is not installed: pip install .[hf]"
+        )
     job = job_config(f"experiment={preset}", "trainer.max_steps=1")
     plan = plan_batches(job.trainer.global_batch_size, 1, job.trainer.micro_batch_cap)
     trainer = Trainer(job, plan, WorkerInfo(0, 1, 0, 0, torch.device("cpu")))

@@ -56,20 +56,18 @@ def test_multiclass_matches_mean_cross_entropy_times_batch():
     assert count.item() == 7
 
 
-def test_lm_is_per_sample_mean_summed_with_per_token_accuracy():
+def test_lm_is_a_sum_over_tokens_with_per_token_accuracy():
     torch.manual_seed(0)
     b, t, v = 3, 4, 6
     logits = torch.randn(b, t, v)
     targets = torch.randint(0, v, (b, t))
     loss, correct, count = loss_sums("lm", logits, targets)
-    per_sample = [F.cross_entropy(logits[i], targets[i], reduction="mean") for i in range(b)]
-    torch.testing.assert_close(loss, torch.stack(per_sample).sum())
-    # Equal-length samples: same as the token mean times B.
+    # Divided by the count (tokens): the token mean, torch's own cross-entropy.
     torch.testing.assert_close(
-        loss, F.cross_entropy(logits.reshape(-1, v), targets.reshape(-1)) * b
+        loss / count, F.cross_entropy(logits.reshape(-1, v), targets.flatten())
     )
     assert correct.item() == int((logits.argmax(-1) == targets).sum())
-    assert count.item() == b * t  # accuracy is per token
+    assert count.item() == b * t  # loss and accuracy count tokens
 
 
 @pytest.mark.parametrize(
@@ -171,16 +169,13 @@ def test_user_criterion_gets_per_element_losses_and_our_reduction():
     assert count.item() == 6 and correct.item() == int((outputs.argmax(1) == targets).sum())
 
 
-def test_user_criterion_on_lm_is_a_per_sample_token_mean():
+def test_user_criterion_on_lm_sums_its_token_losses():
     torch.manual_seed(0)
     outputs, targets = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))
     criterion = torch.nn.CrossEntropyLoss(reduction="none", label_smoothing=0.2)
-    loss, _, _ = loss_sums("lm", outputs, targets, Loss(criterion, "ce"))
-    per_sample = [
-        F.cross_entropy(outputs[i], targets[i], label_smoothing=0.2, reduction="mean")
-        for i in range(2)
-    ]
-    torch.testing.assert_close(loss, torch.stack(per_sample).sum())
+    loss, _, count = loss_sums("lm", outputs, targets, Loss(criterion, "ce"))
+    ref = F.cross_entropy(outputs.reshape(6, 5), targets.flatten(), label_smoothing=0.2)
+    torch.testing.assert_close(loss / count, ref)
 
 
 def test_probabilities_threshold_at_one_half():
