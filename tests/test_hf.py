@@ -26,6 +26,7 @@ from dist_trainer.batching import plan_batches  # noqa: E402
 from dist_trainer.config import ConfigError  # noqa: E402
 from dist_trainer.loop import Trainer, WorkerInfo  # noqa: E402
 from dist_trainer.preflight import preflight  # noqa: E402
+from dist_trainer.run_logger import NullLogger  # noqa: E402
 from dist_trainer.tasks import Loss, loss_sums  # noqa: E402
 from tests.conftest import free_port, job_config  # noqa: E402
 
@@ -71,7 +72,7 @@ def _trainer(*overrides: str, world: int = 1, rank: int = 0, logger=None) -> Tra
     return Trainer(job, plan, WorkerInfo(rank, world, rank, 0, CPU), logger=logger)
 
 
-class _Recorder:
+class _Recorder(NullLogger):
     """What rank 0 would log, in memory."""
 
     def __init__(self) -> None:
@@ -79,15 +80,6 @@ class _Recorder:
 
     def log_metrics(self, metrics, step):
         self.rows.append(dict(metrics))
-
-    def log_params(self, params):
-        pass
-
-    def log_artifact(self, local_path, artifact_path=None):
-        pass
-
-    def close(self):
-        pass
 
 
 # ------------------------------------------------------------------ losses against HF's own
