@@ -55,7 +55,11 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def comm_metrics(cols: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+def _finite(values: list[float]) -> list[float]:
+    return [v for v in values if not math.isnan(v)]
+
+
+def comm_metrics(cols: dict[str, list[float]], world: int) -> dict[str, float]:
     """comm/* from the per-rank columns: mean over ranks, and the max where a rank can lag.
 
     A rank's all-reduce time includes waiting for peers that reach the collective later; the
@@ -63,26 +67,26 @@ def comm_metrics(cols: dict[str, torch.Tensor], world: int) -> dict[str, float]:
     what the bandwidths are computed from (comparable with bench-comm, which starts ranks
     together).
     """
-    comm_s, exposed = cols["comm_s"], cols["exposed_s"]
-    if comm_s.isnan().all():
+    comm_s, exposed = _finite(cols["comm_s"]), _finite(cols["exposed_s"])
+    if not comm_s:
         return {}
-    nbytes = float(cols["comm_bytes"].nanmean())
-    transfer_s = float(comm_s[~comm_s.isnan()].min())
+    nbytes = mean(_finite(cols["comm_bytes"]))
+    transfer_s = min(comm_s)
     out = {
-        "comm/allreduce_s": float(comm_s.nanmean()),
-        "comm/allreduce_s_max": float(comm_s[~comm_s.isnan()].max()),
+        "comm/allreduce_s": mean(comm_s),
+        "comm/allreduce_s_max": max(comm_s),
         "comm/allreduce_s_min": transfer_s,
         "comm/bytes": nbytes,
-        "comm/buckets": float(cols["buckets"].nanmean()),
+        "comm/buckets": mean(_finite(cols["buckets"])),
         "comm/algbw_gbps": comm.algbw_gbps(nbytes, transfer_s) if transfer_s > 0 else math.nan,
         "comm/busbw_gbps": (
             comm.busbw_gbps(nbytes, transfer_s, world) if transfer_s > 0 else math.nan
         ),
     }
-    if not exposed.isnan().all():
-        out["comm/exposed_s"] = float(exposed.nanmean())
-        out["comm/exposed_s_max"] = float(exposed[~exposed.isnan()].max())
-        out["comm/fraction"] = float(cols["exposed_fraction"].nanmean())
+    if exposed:
+        out["comm/exposed_s"] = mean(exposed)
+        out["comm/exposed_s_max"] = max(exposed)
+        out["comm/fraction"] = mean(_finite(cols["exposed_fraction"]))
     return out
 
 
@@ -118,8 +122,10 @@ class IntervalMetrics:
         self.reset()
 
     def reset(self) -> None:
-        zero = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._loss_sum, self._correct, self._count = zero.clone(), zero.clone(), zero.clone()
+        # The counts in int64, as loss_sums gives them: adding them casts nothing.
+        self._loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        self._count = torch.zeros((), device=self.device, dtype=torch.int64)
         self.samples = 0  # global samples of the interval's optimizer steps
         self.steps = 0
         if self.device.type == "cuda":
@@ -136,19 +142,19 @@ class IntervalMetrics:
         self.samples += global_count
         self.steps += 1
 
-    def _gather(self, values: list[float], on_device: list[torch.Tensor]) -> torch.Tensor:
-        """Every rank's vector, as a [world, K] float64 tensor (one collective)."""
+    def _gather(self, values: list[float], on_device: list[torch.Tensor]) -> list[list[float]]:
+        """Every rank's vector, as `world` rows of floats (one collective, one device read)."""
         local = torch.cat(
             [
-                torch.stack(on_device).to(torch.float64),
+                torch.stack([t.to(torch.float64) for t in on_device]),
                 torch.tensor(values, dtype=torch.float64, device=self.device),
             ]
         )
         if not self.distributed:
-            return local[None].cpu()
+            return [local.tolist()]
         out = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(out, local)
-        return torch.stack(out).cpu()
+        return torch.stack(out).tolist()
 
     def collect(
         self,
@@ -183,10 +189,11 @@ class IntervalMetrics:
         }
         keys = sorted(per_rank) + [f"gpu.{k}" for k in GPU_KEYS]
         values = [per_rank[k] for k in sorted(per_rank)] + [gpu.get(k, math.nan) for k in GPU_KEYS]
-        table = self._gather(values, [self._loss_sum, self._correct, self._count])
-        loss_sum, correct, count = table[:, 0].sum(), table[:, 1].sum(), table[:, 2].sum()
-        cols = {k: table[:, 3 + i] for i, k in enumerate(keys)}
-        step_s = float(cols["step_s"].max())  # the slowest rank sets the pace
+        # Python floats from here on: a handful of numbers per rank, no small tensor ops.
+        rows = self._gather(values, [self._loss_sum, self._correct, self._count])
+        loss_sum, correct, count = (sum(row[i] for row in rows) for i in range(3))
+        cols = {k: [row[3 + i] for row in rows] for i, k in enumerate(keys)}
+        step_s = max(cols["step_s"])  # the slowest rank sets the pace
         samples_per_s = self.samples / max(1e-12, step_s * self.steps)
         metrics = {
             # Over the counted targets (samples, or tokens for lm; ignored ones left out).
@@ -194,7 +201,7 @@ class IntervalMetrics:
             "train/accuracy": float(correct) / max(1.0, float(count)),
             "perf/step_time_s": step_s,
             "perf/samples_per_s": samples_per_s,
-            "mem/peak_rss_bytes_max": float(cols["peak_rss"].max()),
+            "mem/peak_rss_bytes_max": max(cols["peak_rss"]),
         }
         if flops_per_sample:
             metrics["perf/tflops"] = flops_per_sample * samples_per_s / 1e12
@@ -203,24 +210,25 @@ class IntervalMetrics:
         if comm_enabled:
             metrics.update(comm_metrics(cols, self.world_size))
         for key in ("peak_allocated_bytes", "peak_reserved_bytes", "grad_scale", "skipped"):
-            if key in cols and not cols[key].isnan().all():
-                reduce = cols[key].min() if key == "grad_scale" else cols[key].max()
+            found = _finite(cols.get(key, []))
+            if found:
+                reduce = min(found) if key == "grad_scale" else max(found)
                 name = {"grad_scale": "amp/grad_scale", "skipped": "amp/skipped_steps"}
-                metrics[name.get(key, f"mem/{key}_max")] = float(reduce)
+                metrics[name.get(key, f"mem/{key}_max")] = reduce
         metrics.update(self._per_worker(cols))
         self.reset()
         return {k: v for k, v in metrics.items() if not math.isnan(v)}
 
-    def _per_worker(self, cols: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _per_worker(self, cols: dict[str, list[float]]) -> dict[str, float]:
         """Telemetry named for the worker it comes from: node and local rank in the key."""
         out: dict[str, float] = {}
         for rank, (node, local) in enumerate(self._worker_ids()):
             where = f"node{node}/rank{local}"
-            out[f"mem/{where}/peak_rss_bytes"] = float(cols["peak_rss"][rank])
+            out[f"mem/{where}/peak_rss_bytes"] = cols["peak_rss"][rank]
             if "peak_allocated_bytes" in cols:
-                out[f"mem/{where}/peak_allocated_bytes"] = float(cols["peak_allocated_bytes"][rank])
+                out[f"mem/{where}/peak_allocated_bytes"] = cols["peak_allocated_bytes"][rank]
             for key in GPU_KEYS:
-                out[f"system/{where}/{key}"] = float(cols[f"gpu.{key}"][rank])
+                out[f"system/{where}/{key}"] = cols[f"gpu.{key}"][rank]
         return out
 
     def _worker_ids(self) -> list[tuple[int, int]]:
