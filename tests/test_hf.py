@@ -149,6 +149,7 @@ def test_multiclass_ignored_targets_are_left_out_and_none_counts_all():
 # ------------------------------------------------------------------ the loop, one process
 
 
+@pytest.mark.slow  # ~20 s: 40 optimizer steps of GPT-2 on the CPU
 def test_raw_gpt2_trains_on_tiny_text():
     recorder = _Recorder()
     trainer = _trainer(
@@ -318,6 +319,7 @@ def ddp_results(tmp_path_factory):
     return torch.load(out, weights_only=False)
 
 
+@pytest.mark.slow  # ~25 s: spawns 2 gloo workers that train three jobs
 @pytest.mark.parametrize("run", sorted(RUNS))
 def test_ddp_with_accumulation_equals_one_process_on_padded_sequences(run, ddp_results):
     result = ddp_results[run]
