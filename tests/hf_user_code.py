@@ -107,3 +107,19 @@ class PositionalOnly(nn.Module):
 
     def forward(self, x):
         return self.embed(x)
+
+
+class OwnLossLM(nn.Module):
+    """Computes its own loss from labels without shifting them (targets aligned with its
+    logits), as a dict {loss, logits}."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, vocab_size)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits = self.embed(input_ids)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return out

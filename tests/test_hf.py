@@ -55,6 +55,8 @@ RUNS = {
         *PADDED[4:],
     ],
 }
+# The preset on its own aligned targets (tiny_text: y is x one character ahead), kept small.
+TINY_TEXT = ("experiment=tiny_gpt2", "data.seq_len=16", "data.max_chars=4000")
 FLOAT64_TOLERANCE = 1e-12
 # HF computes its own loss in float32 whatever the model's dtype (ForCausalLMLoss casts the
 # logits), so with loss=model only float32's precision is there to compare.
@@ -217,8 +219,15 @@ def _preflight(*overrides: str):
         [*PADDED, "loss=model", "loss.shift_labels=true"],
         RUNS["tuple_inputs"],
         [*RUNS["tuple_inputs"], "loss=model", "loss.shift_labels=true"],
+        TINY_TEXT,
     ],
-    ids=["dict_padded", "dict_model_loss", "tuple_inputs_tuple_outputs", "tuple_model_loss"],
+    ids=[
+        "dict_padded",
+        "dict_model_loss",
+        "tuple_inputs_tuple_outputs",
+        "tuple_model_loss",
+        "tiny_gpt2_preset",
+    ],
 )
 def test_hf_batches_and_outputs_pass_preflight(overrides):
     assert _preflight(*overrides).flops_per_sample > 0
@@ -265,6 +274,31 @@ BAD = (
             ["model=tiny_gpt2", *BAD, "data.target_key=targets"],
             r"no 'targets' \(the targets\)|data\.target_key=targets",
         ),
+        (
+            [*TINY_TEXT, "loss=model"],
+            r"loss=model: the loss of model\._target_=dist_trainer\.hf\.tiny_gpt2 is the cross-"
+            r"entropy .* shifted one ahead: .* already aligned .*Fix: loss=default",
+        ),
+        (
+            [*TINY_TEXT, "loss.shift_labels=true"],
+            r"loss\.shift_labels=true, but data\._target_=dist_trainer\.data\.tiny_text gives "
+            r"targets that are already the inputs one token ahead.*Fix: loss\.shift_labels=false",
+        ),
+        (
+            ["model=tiny_gpt2", *BAD, "loss=model"],
+            r"shifted one ahead \(it shifts the labels itself\), but loss\.shift_labels=false "
+            r".*Fix: loss\.shift_labels=true$",
+        ),
+        (
+            [
+                "model._target_=tests.hf_user_code.OwnLossLM",
+                *BAD,
+                "loss=model",
+                "loss.shift_labels=true",
+            ],
+            r"as they are \(it does not shift them\), but loss\.shift_labels=true .*Fix: "
+            r"loss\.shift_labels=false$",
+        ),  # fmt: skip
     ],
     ids=[
         "no_logits",
@@ -274,6 +308,10 @@ BAD = (
         "images_into_gpt2",
         "tuple_into_gpt2s_positions",
         "target_key",
+        "model_loss_on_aligned_targets",
+        "shift_of_aligned_targets",
+        "model_shifts_but_shift_labels_false",
+        "model_does_not_shift_but_shift_labels_true",
     ],
 )
 def test_bad_outputs_and_inputs_are_one_line_naming_the_cause(overrides, message):
