@@ -384,3 +384,65 @@ def test_model_loss_trains_like_our_criterion():
     rel_error = ((_params(model_loss) - expected).norm() / expected.norm()).item()
     print(f"loss=model vs criterion: relative weight error {rel_error:.3g}")
     assert rel_error < 1e-5
+
+
+# ------------------------------------------------------------------ through Ray, 2 workers
+
+
+@pytest.mark.ray
+def test_a_bad_output_is_one_line_before_ray_workers_start(ray_cluster, tmp_path):
+    from dist_trainer import driver
+    from dist_trainer.config import load_config
+    from tests.conftest import job_overrides
+
+    overrides = ["model._target_=tests.hf_user_code.NoLogits", *BAD]
+    cfg = load_config(job_overrides(tmp_path, *overrides))
+    with pytest.raises(ConfigError, match=r"returned a dict.*Fix: return the logits") as caught:
+        driver.train(cfg, show_progress=False)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "ray_storage").exists(), "a Ray Train run was started"
+    assert not (tmp_path / "mlflow.db").exists() or not _mlflow_runs(tmp_path)
+
+
+def _mlflow_runs(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # ~40 s: a Ray Train job of 2 workers, then the one-process reference
+def test_ray_job_on_padded_dicts_with_the_models_loss_equals_one_process(ray_cluster, tmp_path):
+    """loss=model on padded dict batches (pad_collate in a DataLoader worker), 2 Ray workers x
+    accumulation 2 in float64: one FINISHED run whose weights equal one process's, and a
+    model/pretrained folder that from_pretrained loads to those weights."""
+    from mlflow.tracking import MlflowClient
+
+    from dist_trainer import driver
+    from dist_trainer.config import load_config
+    from tests.conftest import assert_logged_weights_equal, job_overrides
+
+    overrides = [*RUNS["model_loss"], "trainer.max_micro_batch_size=5"]
+    result = driver.train(load_config(job_overrides(tmp_path, *overrides)), show_progress=False)
+    runs = _mlflow_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    params = runs[0].data.params
+    assert (params["plan.world_size"], params["plan.accumulation_steps"]) == ("2", "2")
+    reference = _trainer(*RUNS["model_loss"])
+    reference.fit()
+    trained = {k: v.detach().clone() for k, v in reference.model.state_dict().items()}
+    assert_logged_weights_equal(
+        result.tracking_uri, result.run_id, trained, tmp_path / "sd", TOLERANCE["model_loss"]
+    )
+    client = MlflowClient(result.tracking_uri)
+    folder = client.download_artifacts(result.run_id, "model/pretrained", str(tmp_path / "hf"))
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(folder, torch_dtype=torch.float64)
+    weights = torch.load(
+        client.download_artifacts(result.run_id, "model/state_dict.pt", str(tmp_path / "sd2")),
+        weights_only=True,
+    )
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    n_params = sum(p.numel() for p in reference.model.parameters())
+    assert runs[0].data.metrics["comm/bytes"] == 8 * n_params  # float64 gradients, once a step
