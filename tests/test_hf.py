@@ -44,9 +44,22 @@ PADDED = [
     "trainer.max_epochs=1",
     "optim.optimizer.lr=0.01",
 ]
+CLASSIFIER = [
+    "model._target_=tests.hf_user_code.gpt2_classifier",
+    "data._target_=tests.hf_user_code.labelled_text",
+]
 RUNS = {
     "criterion": PADDED,
     "model_loss": [*PADDED, "loss=model", "loss.shift_labels=true", "data.loader.num_workers=1"],
+    # Sequence classification (multiclass) with HF's own loss, a fifth of the labels -100.
+    "classifier_model_loss": [
+        *CLASSIFIER,
+        "loss=model",
+        "trainer.precision=64",
+        "trainer.global_batch_size=20",
+        "trainer.max_epochs=1",
+        "optim.optimizer.lr=0.01",
+    ],
     # ((input_ids, attention_mask), labels) pairs of one length, the tail masked and -100.
     "tuple_inputs": [
         "model._target_=tests.hf_user_code.TupleGPT2",
@@ -146,6 +159,27 @@ def test_multiclass_ignored_targets_are_left_out_and_none_counts_all():
     assert correct.item() == ((logits.argmax(1) == targets) & kept).sum().item()
     with pytest.raises((IndexError, RuntimeError)):  # ignoring off: -100 is no class
         loss_sums("multiclass", logits, targets, Loss(ignore_index=None))
+
+
+def test_sequence_classification_with_ignored_labels_gives_hfs_own_loss():
+    """multiclass: GPT2ForSequenceClassification's loss on dict batches with -100 labels is
+    ours, and loss=model trains to our criterion's weights (float64: HF's loss is computed in
+    the model's dtype here)."""
+    trainer = _trainer(*RUNS["classifier_model_loss"])
+    assert trainer.loss.from_model and trainer.targets.needs_all_reduce
+    x, y = next(iter(trainer.val_feed.batches(torch.arange(10), 10)))
+    assert (y == -100).sum() == 2
+    out = trainer.model(**x, labels=y)
+    ours, _, count = loss_sums("multiclass", out.logits, y)
+    assert count.item() == 8
+    assert abs(ours.item() / 8 - out.loss.item()) < 1e-15
+    trainer.fit()
+    criterion = _trainer(*[o for o in RUNS["classifier_model_loss"] if o != "loss=model"])
+    criterion.fit()
+    expected = _params(criterion)
+    rel_error = ((_params(trainer) - expected).norm() / expected.norm()).item()
+    print(f"classifier loss=model vs criterion: relative weight error {rel_error:.3g}")
+    assert rel_error < FLOAT64_TOLERANCE  # often 0: mean x count and our sum round alike
 
 
 # ------------------------------------------------------------------ the loop, one process
