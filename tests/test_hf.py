@@ -185,7 +185,6 @@ def test_sequence_classification_with_ignored_labels_gives_hfs_own_loss():
 # ------------------------------------------------------------------ the loop, one process
 
 
-@pytest.mark.slow  # ~20 s: 40 optimizer steps of GPT-2 on the CPU
 def test_raw_gpt2_trains_on_tiny_text():
     recorder = _Recorder()
     trainer = _trainer(
