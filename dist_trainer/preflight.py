@@ -9,6 +9,9 @@ loss on meta tensors:
 * every `model.*`, `data.*` and `loss.*` key is one its target accepts (dist_trainer.build);
 * the model has trainable parameters (DDP's own error for this does not say "model");
 * the training split holds at least one global batch when `trainer.drop_last=true`;
+* lm: `loss.shift_labels=true` is not given targets that are already the next tokens, and with
+  `loss=model` the model's loss counts the targets as `loss.shift_labels` says (checked on the
+  CPU with 2 samples against cross-entropy of its logits);
 * the batch's inputs suit the model's forward (a dict's keys are keyword arguments);
 * the model's output holds logits (a tensor, a dict / ModelOutput with `logits`, a tuple whose
   first item is the logits), their shape fits the data's task, and the loss returns one value
@@ -24,6 +27,7 @@ The same meta model gives the FLOPs per sample behind `perf/tflops` and `perf/mf
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +42,14 @@ from dist_trainer.config import ConfigError, JobConfig
 from dist_trainer.data import DataBundle
 from dist_trainer.loading import collate_items, map_tensors
 from dist_trainer.perf import count_flops
-from dist_trainer.tasks import Loss, OutputShapeError, check_outputs, forward_batch, loss_sums
+from dist_trainer.tasks import (
+    Loss,
+    OutputShapeError,
+    check_outputs,
+    forward_batch,
+    loss_sums,
+    split_outputs,
+)
 
 __all__ = ["Preflight", "flops_per_sample", "preflight", "sample_batch"]
 
@@ -190,6 +201,86 @@ def _failure(
     )
 
 
+def _input_ids(x: Any) -> torch.Tensor | None:
+    if isinstance(x, dict):
+        return x.get("input_ids")
+    if isinstance(x, tuple | list):
+        return x[0] if x and isinstance(x[0], torch.Tensor) else None
+    return x if isinstance(x, torch.Tensor) else None
+
+
+def _alignment(x: Any, y: torch.Tensor, loss: Loss) -> str | None:
+    """lm: whether the targets are the inputs ("inputs", ignored ones aside), the inputs one
+    token ahead ("next", as dist_trainer.data.tiny_text gives them), or neither (None)."""
+    ids = _input_ids(x)
+    if ids is None or ids.shape != y.shape or y.dim() != 2:
+        return None
+    kept = y != loss.ignore_index if loss.ignore_index is not None else torch.ones_like(y).bool()
+    if bool(((y == ids) | ~kept).all()):
+        return "inputs"
+    if y.shape[1] >= 2 and bool(((y[:, :-1] == ids[:, 1:]) | ~kept[:, :-1]).all()):
+        return "next"
+    return None
+
+
+def _check_shift(job: JobConfig, bundle: DataBundle, loss: Loss) -> None:
+    """loss.shift_labels=true on targets that are already the next tokens shifts them twice."""
+    if bundle.task != "lm" or not loss.shift_labels:
+        return
+    x, y = sample_batch(bundle.train, 8, build_collate(job), job.data_options.target_key)
+    if _alignment(x, torch.as_tensor(y), loss) == "next":
+        raise ConfigError(
+            f"loss.shift_labels=true, but data._target_={job.data['_target_']} gives targets "
+            "that are already the inputs one token ahead, so position t would be scored "
+            "against the token after next. Fix: loss.shift_labels=false (and loss=default "
+            "with a model that shifts its labels itself, as Hugging Face's causal LMs do)"
+        )
+
+
+def _check_model_loss(job: JobConfig, bundle: DataBundle, loss: Loss, dtype: torch.dtype) -> None:
+    """loss=model on an lm task: the model's loss must count the targets the way
+    loss.shift_labels says, or its micro-batches are weighted by the wrong counts (and a model
+    that shifts labels given already-shifted targets learns the token after next). Checked on
+    the CPU with 2 samples against our cross-entropy of the model's logits, shifted and not; a
+    model loss that is neither (label smoothing, auxiliary terms) is taken as it is."""
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        model = build_model(job, bundle).to(dtype)
+        x, y = _sample(job, bundle, dtype, 2, "cpu")
+        with torch.no_grad():
+            outputs = forward_batch(model, x, y, loss)
+    logits, model_loss_tensor = split_outputs(outputs, loss)
+    model_loss = float(model_loss_tensor)
+    matches = {}
+    for shift in (False, True):
+        ours = dataclasses.replace(loss, from_model=False, shift_labels=shift)
+        total, _, count = loss_sums(bundle.task, logits, y, ours)
+        matches[shift] = abs(float(total) / max(1, int(count)) - model_loss) <= 1e-4 * max(
+            1.0, abs(model_loss)
+        )
+    if matches[loss.shift_labels] or not matches[not loss.shift_labels]:
+        return
+    head = (
+        f"loss=model: the loss of model._target_={job.model['_target_']} is the cross-entropy "
+        "of its logits against the targets"
+    )
+    if loss.shift_labels:
+        raise ConfigError(
+            f"{head} as they are (it does not shift them), but loss.shift_labels=true counts "
+            "them shifted. Fix: loss.shift_labels=false"
+        )
+    if _alignment(x, y, loss) == "inputs":
+        raise ConfigError(
+            f"{head} shifted one ahead (it shifts the labels itself), but loss.shift_labels=false "
+            "counts them unshifted. Fix: loss.shift_labels=true"
+        )
+    raise ConfigError(
+        f"{head} shifted one ahead: it shifts the labels itself, but data._target_="
+        f"{job.data['_target_']} gives targets already aligned with the inputs (the next "
+        "tokens), so it would learn the token after next. Fix: loss=default (our criterion on "
+        "the aligned targets), or give labels = input_ids with loss.shift_labels=true"
+    )
+
+
 def flops_per_sample(
     job: JobConfig, bundle: DataBundle, loss: Loss, dtype: torch.dtype, n: int
 ) -> float | None:
@@ -224,4 +315,9 @@ def preflight(job: JobConfig, plan: BatchPlan) -> Preflight:
     )
     if not any(p.requires_grad for p in model.parameters()):  # build_model checks it too
         raise ConfigError(f"model._target_={job.model['_target_']} has no trainable parameters")
+    _check_shift(job, bundle, loss)
+    if loss.from_model and bundle.task == "lm":
+        parameters = sum(p.numel() for p in model.parameters())
+        if parameters <= CPU_CHECK_MAX_PARAMETERS:
+            _check_model_loss(job, bundle, loss, job.trainer.precision.param_dtype)
     return result

@@ -107,3 +107,68 @@ class PositionalOnly(nn.Module):
 
     def forward(self, x):
         return self.embed(x)
+
+
+class OwnLossLM(nn.Module):
+    """Computes its own loss from labels without shifting them (targets aligned with its
+    logits), as a dict {loss, logits}."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, vocab_size)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits = self.embed(input_ids)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return out
+
+
+class Labelled(Dataset):
+    """Dict items {input_ids, attention_mask, labels}: a class per sequence, -100 for some."""
+
+    def __init__(self, windows: torch.Tensor, classes: int) -> None:
+        self.windows, self.classes = windows, classes
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int):
+        ids = self.windows[i]
+        label = -100 if i % 5 == 4 else int(ids[0]) % self.classes  # every 5th: unlabelled
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": label}
+
+
+def labelled_text(num_samples: int = 96, seq_len: int = 8, classes: int = 3) -> DataBundle:
+    """Sequence classification of pydoc windows (multiclass), a fifth of the labels -100."""
+    text = data.tiny_text(seq_len=seq_len, max_chars=(num_samples * 2) * seq_len + 1)
+    windows = text.train.tensors[0]
+    return DataBundle(
+        train=Labelled(windows[:num_samples], classes),
+        val=Labelled(windows[num_samples : num_samples + 20], classes),
+        task="multiclass",
+        model_kwargs={"vocab_size": text.model_kwargs["vocab_size"], "num_classes": classes},
+        name="labelled_text",
+    )
+
+
+def gpt2_classifier(vocab_size: int, num_classes: int) -> nn.Module:
+    """transformers.GPT2ForSequenceClassification from a config (logits [B, C], its own loss)."""
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=16,
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        num_labels=num_classes,
+        pad_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    return transformers.GPT2ForSequenceClassification(config)

@@ -9,6 +9,7 @@ import torch
 
 from dist_trainer.batching import plan_batches
 from dist_trainer.build import (
+    build_collate,
     build_data,
     build_loss,
     build_model,
@@ -107,11 +108,37 @@ def test_open_target_overrides_adds_plus_only_for_new_keys():
         (["loss.label_smoothing=0.1"], r"loss\.label_smoothing is set but loss\._target_ is not"),
         (["loss.outputs=maybe"], r"loss\.outputs must be auto, logits or probabilities"),
         (["loss._target_=no.such.loss"], r"loss\._target_='no\.such\.loss' cannot be imported"),
+        (["loss.ignore_index=pad"], r"loss\.ignore_index must be an integer or null.*Fix"),
+        (["loss.shift_labels=maybe"], r"loss\.shift_labels must be true or false"),
+        (
+            ["loss=model", "loss._target_=torch.nn.CrossEntropyLoss"],
+            r"loss=model uses the model's own loss, but loss\._target_=.*Fix: drop loss\._target_",
+        ),
+        (["+data.target_key="], r"data\.target_key must be a non-empty string.*Fix"),
+        (["+data.collate=5"], r"data\.collate must be null or a node with a _target_"),
+        (["+data.collate._target_=no.such.fn"], r"data\.collate\._target_='no\.such\.fn'"),
     ],
 )
 def test_loss_and_loader_keys_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_loss(job_config(*overrides))
+
+
+def test_build_collate_takes_a_function_or_a_class_with_its_arguments():
+    assert build_collate(job_config()) is None
+    pad = build_collate(job_config("+data.collate._target_=dist_trainer.hf.pad_collate",
+                                   "+data.collate.pad_id=7"))  # fmt: skip
+    batch = pad([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4], "labels": [4]}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
+    assert batch["labels"].tolist() == [[1, 2, 3], [4, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    cls = build_collate(job_config("+data.collate._target_=tests.user_code.Stacker",
+                                   "+data.collate.scale=3"))  # fmt: skip
+    x, y = cls([(torch.ones(2), 1), (torch.zeros(2), 0)])
+    assert torch.equal(x, torch.tensor([[3.0, 3.0], [0.0, 0.0]])) and y.tolist() == [1, 0]
+    with pytest.raises(ConfigError, match=r"data\.collate\.width: .*pad_collate does not accept"):
+        build_collate(job_config("+data.collate._target_=dist_trainer.hf.pad_collate",
+                                 "+data.collate.width=2"))  # fmt: skip
 
 
 def test_build_loss_forms():

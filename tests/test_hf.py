@@ -45,9 +45,22 @@ PADDED = [
     "trainer.max_epochs=1",
     "optim.optimizer.lr=0.01",
 ]
+CLASSIFIER = [
+    "model._target_=tests.hf_user_code.gpt2_classifier",
+    "data._target_=tests.hf_user_code.labelled_text",
+]
 RUNS = {
     "criterion": PADDED,
     "model_loss": [*PADDED, "loss=model", "loss.shift_labels=true", "data.loader.num_workers=1"],
+    # Sequence classification (multiclass) with HF's own loss, a fifth of the labels -100.
+    "classifier_model_loss": [
+        *CLASSIFIER,
+        "loss=model",
+        "trainer.precision=64",
+        "trainer.global_batch_size=20",
+        "trainer.max_epochs=1",
+        "optim.optimizer.lr=0.01",
+    ],
     # ((input_ids, attention_mask), labels) pairs of one length, the tail masked and -100.
     "tuple_inputs": [
         "model._target_=tests.hf_user_code.TupleGPT2",
@@ -56,6 +69,8 @@ RUNS = {
         *PADDED[4:],
     ],
 }
+# The preset on its own aligned targets (tiny_text: y is x one character ahead), kept small.
+TINY_TEXT = ("experiment=tiny_gpt2", "data.seq_len=16", "data.max_chars=4000")
 FLOAT64_TOLERANCE = 1e-12
 # HF computes its own loss in float32 whatever the model's dtype (ForCausalLMLoss casts the
 # logits), so with loss=model only float32's precision is there to compare.
@@ -138,6 +153,27 @@ def test_multiclass_ignored_targets_are_left_out_and_none_counts_all():
         loss_sums("multiclass", logits, targets, Loss(ignore_index=None))
 
 
+def test_sequence_classification_with_ignored_labels_gives_hfs_own_loss():
+    """multiclass: GPT2ForSequenceClassification's loss on dict batches with -100 labels is
+    ours, and loss=model trains to our criterion's weights (float64: HF's loss is computed in
+    the model's dtype here)."""
+    trainer = _trainer(*RUNS["classifier_model_loss"])
+    assert trainer.loss.from_model and trainer.targets.needs_all_reduce
+    x, y = next(iter(trainer.val_feed.batches(torch.arange(10), 10)))
+    assert (y == -100).sum() == 2
+    out = trainer.model(**x, labels=y)
+    ours, _, count = loss_sums("multiclass", out.logits, y)
+    assert count.item() == 8
+    assert abs(ours.item() / 8 - out.loss.item()) < 1e-15
+    trainer.fit()
+    criterion = _trainer(*[o for o in RUNS["classifier_model_loss"] if o != "loss=model"])
+    criterion.fit()
+    expected = _params(criterion)
+    rel_error = ((_params(trainer) - expected).norm() / expected.norm()).item()
+    print(f"classifier loss=model vs criterion: relative weight error {rel_error:.3g}")
+    assert rel_error < FLOAT64_TOLERANCE  # often 0: mean x count and our sum round alike
+
+
 # ------------------------------------------------------------------ the loop, one process
 
 
@@ -208,8 +244,15 @@ def _preflight(*overrides: str):
         [*PADDED, "loss=model", "loss.shift_labels=true"],
         RUNS["tuple_inputs"],
         [*RUNS["tuple_inputs"], "loss=model", "loss.shift_labels=true"],
+        TINY_TEXT,
     ],
-    ids=["dict_padded", "dict_model_loss", "tuple_inputs_tuple_outputs", "tuple_model_loss"],
+    ids=[
+        "dict_padded",
+        "dict_model_loss",
+        "tuple_inputs_tuple_outputs",
+        "tuple_model_loss",
+        "tiny_gpt2_preset",
+    ],
 )
 def test_hf_batches_and_outputs_pass_preflight(overrides):
     assert _preflight(*overrides).flops_per_sample > 0
@@ -256,6 +299,31 @@ BAD = (
             ["model=tiny_gpt2", *BAD, "data.target_key=targets"],
             r"no 'targets' \(the targets\)|data\.target_key=targets",
         ),
+        (
+            [*TINY_TEXT, "loss=model"],
+            r"loss=model: the loss of model\._target_=dist_trainer\.hf\.tiny_gpt2 is the cross-"
+            r"entropy .* shifted one ahead: .* already aligned .*Fix: loss=default",
+        ),
+        (
+            [*TINY_TEXT, "loss.shift_labels=true"],
+            r"loss\.shift_labels=true, but data\._target_=dist_trainer\.data\.tiny_text gives "
+            r"targets that are already the inputs one token ahead.*Fix: loss\.shift_labels=false",
+        ),
+        (
+            ["model=tiny_gpt2", *BAD, "loss=model"],
+            r"shifted one ahead \(it shifts the labels itself\), but loss\.shift_labels=false "
+            r".*Fix: loss\.shift_labels=true$",
+        ),
+        (
+            [
+                "model._target_=tests.hf_user_code.OwnLossLM",
+                *BAD,
+                "loss=model",
+                "loss.shift_labels=true",
+            ],
+            r"as they are \(it does not shift them\), but loss\.shift_labels=true .*Fix: "
+            r"loss\.shift_labels=false$",
+        ),  # fmt: skip
     ],
     ids=[
         "no_logits",
@@ -265,6 +333,10 @@ BAD = (
         "images_into_gpt2",
         "tuple_into_gpt2s_positions",
         "target_key",
+        "model_loss_on_aligned_targets",
+        "shift_of_aligned_targets",
+        "model_shifts_but_shift_labels_false",
+        "model_does_not_shift_but_shift_labels_true",
     ],
 )
 def test_bad_outputs_and_inputs_are_one_line_naming_the_cause(overrides, message):
@@ -310,6 +382,7 @@ def ddp_results(tmp_path_factory):
     return torch.load(out, weights_only=False)
 
 
+@pytest.mark.slow  # ~25 s: spawns 2 gloo workers that train three jobs
 @pytest.mark.parametrize("run", sorted(RUNS))
 def test_ddp_with_accumulation_equals_one_process_on_padded_sequences(run, ddp_results):
     result = ddp_results[run]
@@ -336,3 +409,65 @@ def test_model_loss_trains_like_our_criterion():
     rel_error = ((_params(model_loss) - expected).norm() / expected.norm()).item()
     print(f"loss=model vs criterion: relative weight error {rel_error:.3g}")
     assert rel_error < 1e-5
+
+
+# ------------------------------------------------------------------ through Ray, 2 workers
+
+
+@pytest.mark.ray
+def test_a_bad_output_is_one_line_before_ray_workers_start(ray_cluster, tmp_path):
+    from dist_trainer import driver
+    from dist_trainer.config import load_config
+    from tests.conftest import job_overrides
+
+    overrides = ["model._target_=tests.hf_user_code.NoLogits", *BAD]
+    cfg = load_config(job_overrides(tmp_path, *overrides))
+    with pytest.raises(ConfigError, match=r"returned a dict.*Fix: return the logits") as caught:
+        driver.train(cfg, show_progress=False)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "ray_storage").exists(), "a Ray Train run was started"
+    assert not (tmp_path / "mlflow.db").exists() or not _mlflow_runs(tmp_path)
+
+
+def _mlflow_runs(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # ~40 s: a Ray Train job of 2 workers, then the one-process reference
+def test_ray_job_on_padded_dicts_with_the_models_loss_equals_one_process(ray_cluster, tmp_path):
+    """loss=model on padded dict batches (pad_collate in a DataLoader worker), 2 Ray workers x
+    accumulation 2 in float64: one FINISHED run whose weights equal one process's, and a
+    model/pretrained folder that from_pretrained loads to those weights."""
+    from mlflow.tracking import MlflowClient
+
+    from dist_trainer import driver
+    from dist_trainer.config import load_config
+    from tests.conftest import assert_logged_weights_equal, job_overrides
+
+    overrides = [*RUNS["model_loss"], "trainer.max_micro_batch_size=5"]
+    result = driver.train(load_config(job_overrides(tmp_path, *overrides)), show_progress=False)
+    runs = _mlflow_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    params = runs[0].data.params
+    assert (params["plan.world_size"], params["plan.accumulation_steps"]) == ("2", "2")
+    reference = _trainer(*RUNS["model_loss"])
+    reference.fit()
+    trained = {k: v.detach().clone() for k, v in reference.model.state_dict().items()}
+    assert_logged_weights_equal(
+        result.tracking_uri, result.run_id, trained, tmp_path / "sd", TOLERANCE["model_loss"]
+    )
+    client = MlflowClient(result.tracking_uri)
+    folder = client.download_artifacts(result.run_id, "model/pretrained", str(tmp_path / "hf"))
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(folder, torch_dtype=torch.float64)
+    weights = torch.load(
+        client.download_artifacts(result.run_id, "model/state_dict.pt", str(tmp_path / "sd2")),
+        weights_only=True,
+    )
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    n_params = sum(p.numel() for p in reference.model.parameters())
+    assert runs[0].data.metrics["comm/bytes"] == 8 * n_params  # float64 gradients, once a step

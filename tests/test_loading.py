@@ -241,3 +241,73 @@ def test_in_memory_true_requires_a_tensor_dataset():
     assert BatchFeed(
         TensorDataset(x, y), CPU, torch.float32, LoaderConfig(in_memory=True)
     ).in_memory
+
+
+class Records(Dataset):
+    """Dict items, as Hugging Face datasets give them: inputs under two keys, targets under 'y'."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return {"features": self.x[i], "scale": self.x[i, :1] * 2, "y": int(self.y[i])}
+
+
+def stack_reversed(items: list, offset: int = 0) -> dict:
+    """A user's collate: the batch in reverse item order, targets shifted by `offset`."""
+    items = items[::-1]
+    return {
+        "features": torch.stack([it["features"] for it in items]),
+        "scale": torch.stack([it["scale"] for it in items]),
+        "y": torch.tensor([it["y"] + offset for it in items]),
+    }
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("collate", [None, "reversed"])
+def test_dict_items_become_keyword_inputs_on_the_sampler_batches(num_workers, collate):
+    x, y = _data(37)
+    fn = (lambda items: stack_reversed(items, offset=10)) if collate else None
+    cfg = LoaderConfig(num_workers=num_workers)
+    sampler = GlobalBatchSampler(37, PLAN, rank=1, seed=3)
+    feed = BatchFeed(Records(x, y), CPU, torch.float64, cfg, 3, target_key="y", collate=fn)
+    assert not feed.in_memory
+    order = sampler.epoch_order(0)
+    steps = list(feed.steps(sampler, 0))
+    assert len(steps) == sampler.steps_per_epoch
+    for s, step in enumerate(steps):
+        want = sampler.step(order, s)
+        assert step.global_count == want.global_count
+        for (xb, yb), idx in zip(step.micro_batches, want.micro_batches, strict=True):
+            idx = idx.flip(0) if collate else idx
+            assert set(xb) == {"features", "scale"} and xb["features"].dtype == torch.float64
+            assert torch.equal(xb["features"], x[idx].double())
+            assert torch.equal(xb["scale"], x[idx, :1].double() * 2)
+            assert torch.equal(yb, y[idx] + (10 if collate else 0)) and yb.dtype == torch.int64
+    feed.close()
+
+
+def test_tuple_inputs_keep_their_structure_and_empty_micro_batches_their_keys():
+    x, y = _data(33)
+    pairs = [((x[i], x[i] * 0), int(y[i])) for i in range(33)]
+    sampler = GlobalBatchSampler(33, PLAN, rank=1)  # the last step gives rank 1 nothing
+    feed = BatchFeed(pairs, CPU, torch.float32, LoaderConfig())
+    (first, _), *_ = next(feed.steps(sampler, 0)).micro_batches
+    assert isinstance(first, list) and len(first) == 2  # default_collate's own list
+    empty = BatchFeed(Records(x, y), CPU, torch.float32, LoaderConfig(), target_key="y")
+    last = list(empty.steps(sampler, 0, sampler.steps_per_epoch - 1))[0].micro_batches
+    for xe, ye in last:
+        assert xe["features"].shape == (0, 3) and xe["scale"].shape == (0, 1)
+        assert ye.shape == (0,)
+
+
+def test_dicts_without_the_target_key_and_in_memory_with_collate_are_refused():
+    x, y = _data(8)
+    with pytest.raises(ValueError, match=r"no 'labels' \(the targets\).*data\.target_key="):
+        BatchFeed(Records(x, y), CPU, torch.float32, LoaderConfig())
+    with pytest.raises(ConfigError, match=r"in_memory=true .*got a data\.collate function"):
+        BatchFeed(TensorDataset(x, y), CPU, torch.float32, LoaderConfig(in_memory=True), 0,
+                  collate=lambda items: items)  # fmt: skip

@@ -90,3 +90,14 @@ def focal_loss(outputs: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0)
     """Per-sample focal loss (Lin et al. 2017): a user function with its own argument."""
     logp = torch.log_softmax(outputs, dim=1).gather(1, targets[:, None]).squeeze(1)
     return -((1 - logp.exp()) ** gamma) * logp
+
+
+class Stacker:
+    """A collate class (data.collate._target_): instances stack (x, y) items, x times `scale`."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+    def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.stack([x for x, _ in items]) * self.scale
+        return x, torch.tensor([y for _, y in items])
