@@ -414,13 +414,13 @@ class ExposedCommProbe:
         self.pairs: list[ExposedPair] = []
 
     def begin(self, step: int, sizes: list[int]) -> "_StepTiming":
+        if not self.enabled:
+            return _UNTIMED
         n = len(sizes)
-        extra = (
-            self.enabled and n == 1 and (step == 1 or (step > 0 and step % self.every_n_steps == 0))
-        )
-        reference = "extra" if extra else n - 2
-        timed = self.enabled and (extra or n >= 2) and len(set(sizes)) == 1
-        return _StepTiming(self, timed, extra, reference, n - 1)
+        extra = n == 1 and (step == 1 or (step > 0 and step % self.every_n_steps == 0))
+        if not ((extra or n >= 2) and len(set(sizes)) == 1):
+            return _UNTIMED  # one shared do-nothing timing: no objects made per step
+        return _StepTiming(self, True, extra, "extra" if extra else n - 2, n - 1)
 
     def take(self) -> list[ExposedPair]:
         """The pairs since the last call (the loop resolves them when it logs)."""
@@ -434,7 +434,7 @@ class _StepTiming:
     __slots__ = ("_probe", "_timed", "extra", "_reference", "_sync", "_spans", "_start")
 
     def __init__(
-        self, probe: ExposedCommProbe, timed: bool, extra: bool, reference: Any, sync: int
+        self, probe: ExposedCommProbe | None, timed: bool, extra: bool, reference: Any, sync: int
     ) -> None:
         self._probe, self._timed, self.extra = probe, timed, extra
         self._reference, self._sync = reference, sync
@@ -446,8 +446,9 @@ class _StepTiming:
             self._start = self._probe._stamp()
 
     def time(self, which: Any) -> "_Span":
-        wanted = self._timed and (which == self._reference or which == self._sync)
-        return _Span(self, which if wanted else None)
+        if not (self._timed and (which == self._reference or which == self._sync)):
+            return _NO_SPAN
+        return _Span(self, which)
 
     def end(self) -> None:
         if not self._timed or len(self._spans) != 2:
@@ -467,7 +468,7 @@ class _Span:
 
     __slots__ = ("_timing", "_key", "_t0")
 
-    def __init__(self, timing: _StepTiming, key: Any) -> None:
+    def __init__(self, timing: _StepTiming | None, key: Any) -> None:
         self._timing, self._key = timing, key
 
     def __enter__(self) -> None:
@@ -477,3 +478,8 @@ class _Span:
     def __exit__(self, *exc: object) -> None:
         if self._key is not None:
             self._timing._spans[self._key] = (self._t0, self._timing._probe._stamp())
+
+
+# What an untimed step gets: nothing is stamped, and nothing is allocated per step.
+_UNTIMED = _StepTiming(None, False, False, None, -1)
+_NO_SPAN = _Span(None, None)

@@ -78,9 +78,10 @@ from dist_trainer.build import (
 from dist_trainer.checkpoint import CheckpointSink, LocalCheckpointSink, rng_state, set_rng_state
 from dist_trainer.config import ConfigError, JobConfig, Precision
 from dist_trainer.loading import BatchFeed, FedStep
+from dist_trainer.logger_process import LoggerProcess
 from dist_trainer.metrics import IntervalMetrics, StepClock
 from dist_trainer.preflight import flops_per_sample
-from dist_trainer.run_logger import NullLogger, RunLogger, SystemMetrics
+from dist_trainer.run_logger import NullLogger, SystemMetrics
 from dist_trainer.sampling import GlobalBatchSampler, shard_for_rank
 from dist_trainer.tasks import (
     OutputShapeError,
@@ -157,14 +158,17 @@ class Trainer:
 
         self.data = build_data(job)
         self.loss = build_loss(job)
-        if isinstance(self.loss.fn, torch.nn.Module):  # e.g. a class weight tensor
-            self.loss.fn.to(self.device)
+        for criterion in (self.loss.fn, self.loss.sum_fn):
+            if isinstance(criterion, torch.nn.Module):  # e.g. a class weight tensor
+                criterion.to(self.device)
         batching = {"target_key": job.data_options.target_key, "collate": build_collate(job)}
         feed = (self.device, self.dtype, job.loader)
         self.train_feed = BatchFeed(self.data.train, *feed, **batching)
         self.val_feed = BatchFeed(self.data.val, *feed, **batching)
         self.model = build_model(job, self.data).to(device=self.device, dtype=self.dtype)
-        self.distributed = dist.is_available() and dist.is_initialized()
+        # A world of one trains the bare model: DDP would all-reduce over one rank, which costs
+        # host time every step (its reducer, a collective's hand-off) and syncs nothing.
+        self.distributed = dist.is_available() and dist.is_initialized() and info.world_size > 1
         # What a step's loss is divided by: its global batch's counted targets (tasks.py).
         self.targets = TargetCount(
             self.data.task, self.loss, self.distributed, self.train_feed.resident_targets
@@ -287,6 +291,8 @@ class Trainer:
         # carries world_size. The count is a device tensor where ignored targets make each
         # step count them (one small all-reduce, tasks.TargetCount).
         world = 1 if self.meter.attached else self.info.world_size
+        if self.targets.per_sample is not None:  # known on the host: no tensor work
+            return world / max(1, step.global_count * self.targets.per_sample)
         count = self.targets.of_step([y for _, y in step.micro_batches], step.global_count)
         if isinstance(count, torch.Tensor):
             return world / count.clamp_min(1).to(self.dtype)
@@ -311,7 +317,9 @@ class Trainer:
         """One optimizer step: accumulate the micro-steps, all-reduce once, update."""
         micro = step.micro_batches
         scale = self._loss_scale(step)
-        timing = self.probe.begin(self.step, [len(y) for _, y in micro])
+        timing = self.probe.begin(
+            self.step, [len(y) for _, y in micro] if self.probe.enabled else []
+        )
         if timing.extra:  # compute-only reference for comm/exposed_s; its gradients are dropped
             with timing.time("extra"):
                 self._micro_step(*micro[0], scale, sync=False)
@@ -643,7 +651,10 @@ def run_training(
 ) -> dict[str, float]:
     """Build a Trainer, fit it, log final weights; rank 0 logs into MLflow run `run_id`."""
     logging.basicConfig(level=logging.INFO if info.rank == 0 else logging.WARNING)
-    logger = RunLogger(tracking_uri, run_id) if info.rank == 0 and run_id and tracking_uri else None
+    # Rank 0 writes through a child process: MLflow's CPU time stays off the training step.
+    logger = (
+        LoggerProcess(tracking_uri, run_id) if info.rank == 0 and run_id and tracking_uri else None
+    )
     # One host monitor per node (local rank 0): MLflow already does CPU and host memory well.
     host = (
         SystemMetrics(tracking_uri, run_id, f"node{info.node_rank}", job.telemetry.interval_s * 5)

@@ -294,8 +294,11 @@ class RunLogger(NullLogger):
         self._thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
         self._thread.start()
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        now_ms = int(time.time() * 1000)
+    def log_metrics(
+        self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None
+    ) -> None:
+        """Queue the points of `step`, stamped `timestamp_ms` (default: now)."""
+        now_ms = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         self._queue.put(("metrics", [(k, float(v), now_ms, step) for k, v in metrics.items()]))
 
     def log_params(self, params: dict[str, Any]) -> None:

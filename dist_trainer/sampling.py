@@ -90,8 +90,10 @@ class GlobalBatchSampler:
         """This rank's micro-batches of global batch number `step_in_epoch` of `order`."""
         size = self.plan.global_batch_size
         global_batch = order[step_in_epoch * size : (step_in_epoch + 1) * size]
-        share = shard_for_rank(global_batch, self.rank, self.plan.world_size)
-        micro = list(torch.tensor_split(share, self.plan.accumulation_steps))
+        # One rank, one micro-step: the slice itself (tensor_split would make the same views).
+        world, accumulation = self.plan.world_size, self.plan.accumulation_steps
+        share = shard_for_rank(global_batch, self.rank, world) if world > 1 else global_batch
+        micro = list(torch.tensor_split(share, accumulation)) if accumulation > 1 else [share]
         return StepBatch(micro_batches=micro, global_count=len(global_batch))
 
 

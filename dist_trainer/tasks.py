@@ -102,6 +102,9 @@ class Loss:
         shift_labels: lm: targets are the inputs; position t is scored against target t + 1.
         from_model: Use the loss the model returns (``outputs.loss``); ``fn`` is unused.
         target_key: With ``from_model``, the keyword the targets go to ``forward`` under.
+        sum_fn: ``fn`` reducing by sum itself (built with ``reduction="sum"`` where the
+            criterion takes it), for batches where every target counts: one op, forward and
+            backward, instead of per-element losses and a sum. None: ``fn``'s are summed.
     """
 
     fn: Callable[[Tensor, Tensor], Tensor] | None = None
@@ -111,6 +114,7 @@ class Loss:
     shift_labels: bool = False
     from_model: bool = False
     target_key: str = "labels"
+    sum_fn: Callable[[Tensor, Tensor], Tensor] | None = None
 
     @property
     def takes_logits(self) -> bool:
@@ -255,6 +259,17 @@ def _per_element(task: str, loss: Loss, outputs: Tensor, targets: Tensor) -> Ten
     return losses.reshape(outputs.shape[0])
 
 
+def _summed(task: str, loss: Loss, outputs: Tensor, targets: Tensor) -> Tensor:
+    """The sum of the per-element losses, where every target counts."""
+    if loss.fn is None:
+        if task == "binary":
+            return F.binary_cross_entropy_with_logits(outputs, targets, reduction="sum")
+        return F.cross_entropy(outputs, targets, reduction="sum", ignore_index=_NO_INDEX)
+    if loss.sum_fn is not None:
+        return loss.sum_fn(outputs, targets)
+    return _per_element(task, loss, outputs, targets).sum()
+
+
 def loss_sums(
     task: str, outputs: Any, targets: Tensor, loss: Loss = DEFAULT_LOSS
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -297,18 +312,18 @@ def loss_sums(
         # are none (its mean is then 0/0, and its backward gives zero gradients).
         total = model_loss.to(flat_out.dtype) * count
         loss_sum = torch.where(count > 0, total, torch.zeros_like(total))
+    elif mask is None:
+        loss_sum = _summed(task, loss, flat_out, flat_targets)
     else:
         per_element = _per_element(task, loss, flat_out, safe_targets)
-        if mask is not None:
-            per_element = per_element * mask.to(per_element.dtype)
-        loss_sum = per_element.sum()
-    with torch.no_grad():
-        if task == "binary":
-            threshold = 0.5 if loss.probabilities else 0.0
-            hits = (flat_out > threshold) == (flat_targets > 0.5)
-        else:
-            hits = flat_out.argmax(dim=1) == flat_targets
-        correct = (hits if mask is None else hits & mask).sum()
+        loss_sum = (per_element * mask.to(per_element.dtype)).sum()
+    # Comparisons and argmax record no graph: no no_grad() needed (it costs host time per call).
+    if task == "binary":
+        threshold = 0.5 if loss.probabilities else 0.0
+        hits = (flat_out > threshold) == (flat_targets > 0.5)
+    else:
+        hits = flat_out.argmax(dim=1) == flat_targets
+    correct = (hits if mask is None else hits & mask).sum()
     return loss_sum, correct, count
 
 

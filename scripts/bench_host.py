@@ -10,12 +10,13 @@ dispatch, bookkeeping): what makes a launch-bound GPU step wait for the host.
 
 Sides, each timed over `--steps` optimizer steps after `--warmup` steps, alternated `--repeats`
 times so that the machine's noise falls on every side alike (medians are printed):
-- `plain`: randperm per epoch, slice, forward, loss, zero_grad, backward, step; with 2 ranks the
-  same in DDP (the default bucket layout, which dist_trainer keeps), loss scaled by
+- `plain`: randperm per epoch, slice, forward, loss, zero_grad, backward, step, on the same
+  model module dist_trainer builds for the preset (loops are compared, not models); with 2
+  ranks the same in DDP (the default bucket layout, which dist_trainer keeps), loss scaled by
   world/global so DDP's average is the global mean.
 - `ours, measurement on`: `Trainer.fit()` as shipped (interval metrics every 10 steps, the comm
   meter and exposed-comm probe with 2 ranks, telemetry settings as shipped) logging into a real
-  MLflow sqlite store through rank 0's RunLogger.
+  MLflow sqlite store through rank 0's logger process, as run_training does.
 - `ours, measurement off`: the same with `comm.enabled=false`, `telemetry.enabled=false`, a log
   interval longer than the run and no logger.
 Validation runs once, at the end, and is left out of both: `trainer.val_every_n_epochs` is set
@@ -44,21 +45,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _data() -> tuple[torch.Tensor, torch.Tensor]:
-    """The seed tutorial's training split, as dist_trainer builds it."""
-    from dist_trainer.build import build_data
+def _workload() -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """The seed tutorial's training split and model, as dist_trainer builds them."""
+    from dist_trainer.build import build_data, build_model
     from dist_trainer.config import load_config, resolve_config
 
     job = resolve_config(load_config(["experiment=seed_tutorial"]))
-    train = build_data(job).train
-    return train.tensors[0].float(), train.tensors[1].float()
+    data = build_data(job)
+    torch.manual_seed(0)
+    model = build_model(job, data)  # the same module both loops train: loops compared, not models
+    train = data.train
+    return train.tensors[0].float(), train.tensors[1].float(), model
 
 
 def plain_seconds(steps: int, warmup: int, rank: int, world: int) -> float:
     """Seconds for `steps` optimizer steps of the plain loop (after `warmup` steps)."""
-    torch.manual_seed(0)
-    x, y = _data()
-    model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 1), nn.Sigmoid())
+    x, y, model = _workload()
     net = DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     loss_fn = nn.BCELoss(reduction="sum")
@@ -74,7 +76,7 @@ def plain_seconds(steps: int, warmup: int, rank: int, world: int) -> float:
                 return time.perf_counter() - started
             batch = order[first : first + global_batch]
             idx = batch[rank * per_rank : (rank + 1) * per_rank]
-            loss = loss_fn(net(x[idx]).squeeze(1), y[idx]) * (world / len(batch))
+            loss = loss_fn(net(x[idx]), y[idx]) * (world / len(batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -86,8 +88,8 @@ def ours_seconds(steps: int, warmup: int, measure: bool, folder: str, info=None)
     two fits of the same trainer's set-up: warmup+steps minus warmup)."""
     from dist_trainer.batching import plan_batches
     from dist_trainer.config import load_config, resolve_config
+    from dist_trainer.logger_process import LoggerProcess
     from dist_trainer.loop import Trainer, WorkerInfo
-    from dist_trainer.run_logger import RunLogger
     from dist_trainer.tracking import prepare_store, start_job_run
 
     info = info or WorkerInfo(0, 1, 0, 0, torch.device("cpu"))
@@ -103,7 +105,7 @@ def ours_seconds(steps: int, warmup: int, measure: bool, folder: str, info=None)
         if measure and info.rank == 0:
             uri = f"sqlite:///{folder}/mlflow.db"
             run_id = start_job_run(uri, prepare_store(uri, "bench_host"), "ours", {}, {})
-            logger = RunLogger(uri, run_id)
+            logger = LoggerProcess(uri, run_id)
         trainer = Trainer(job, plan_batches(32, info.world_size), info, logger=logger)
         started = time.perf_counter()
         trainer.fit()
