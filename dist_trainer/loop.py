@@ -96,6 +96,9 @@ __all__ = ["Trainer", "WorkerInfo", "run_training"]
 
 log = logging.getLogger(__name__)
 
+# How long a new attempt waits for its start to be on record in the run (see Trainer.fit).
+_ATTEMPT_RECORD_WAIT_S = 20.0
+
 
 @dataclass(frozen=True)
 class WorkerInfo:
@@ -308,7 +311,9 @@ class Trainer:
                 outputs = forward_batch(self.forward, x, y, self.loss)
                 if not self._first_outputs_checked:
                     self._check_first_outputs(outputs, y)
-                loss_sum, correct, count = loss_sums(self.data.task, outputs, y, self.loss)
+                loss_sum, correct, count = loss_sums(
+                    self.data.task, outputs, y, self.loss, count_on_host=True
+                )
             loss = loss_sum * scale
             (self.scaler.scale(loss) if self.scaler else loss).backward()
         return loss_sum.detach(), correct, count
@@ -536,6 +541,10 @@ class Trainer:
                     self.plan.describe(),
                 )
             self.logger.log_metrics(self._plan_metrics(), step=self.step)
+        # Wait until the attempt is on record: rank 0's logger is a child process that needs a
+        # few seconds to start, and a worker killed before it wrote the attempt would leave a
+        # run whose history lacks that attempt. Bounded: an unreachable store costs this once.
+        self.logger.flush(timeout_s=_ATTEMPT_RECORD_WAIT_S)
         if self.sampler_gpu:
             self.sampler_gpu.start()
         elif self.job.telemetry.enabled and self.info.rank == 0:

@@ -126,6 +126,7 @@ class IntervalMetrics:
         self._loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self._correct = torch.zeros((), device=self.device, dtype=torch.int64)
         self._count = torch.zeros((), device=self.device, dtype=torch.int64)
+        self._host_count = 0  # counts known on the host (every target counts): no device op
         self.samples = 0  # global samples of the interval's optimizer steps
         self.steps = 0
         if self.device.type == "cuda":
@@ -133,10 +134,15 @@ class IntervalMetrics:
         self._start = time.perf_counter()
         self.paused_s = 0.0  # validation and checkpoints inside the interval: not step time
 
-    def add_micro_step(self, loss_sum: torch.Tensor, correct: torch.Tensor, count: torch.Tensor):
+    def add_micro_step(
+        self, loss_sum: torch.Tensor, correct: torch.Tensor, count: torch.Tensor | int
+    ) -> None:
         self._loss_sum += loss_sum
         self._correct += correct
-        self._count += count
+        if isinstance(count, int):
+            self._host_count += count
+        else:
+            self._count += count
 
     def add_step(self, global_count: int) -> None:
         self.samples += global_count
@@ -144,6 +150,8 @@ class IntervalMetrics:
 
     def _gather(self, values: list[float], on_device: list[torch.Tensor]) -> list[list[float]]:
         """Every rank's vector, as `world` rows of floats (one collective, one device read)."""
+        if not self.distributed and self.device.type == "cpu":  # no copy to make: read them
+            return [[t.item() for t in on_device] + values]
         local = torch.cat(
             [
                 torch.stack([t.to(torch.float64) for t in on_device]),
@@ -190,9 +198,11 @@ class IntervalMetrics:
         keys = sorted(per_rank) + [f"gpu.{k}" for k in GPU_KEYS]
         values = [per_rank[k] for k in sorted(per_rank)] + [gpu.get(k, math.nan) for k in GPU_KEYS]
         # Python floats from here on: a handful of numbers per rank, no small tensor ops.
+        values = [float(self._host_count), *values]
         rows = self._gather(values, [self._loss_sum, self._correct, self._count])
         loss_sum, correct, count = (sum(row[i] for row in rows) for i in range(3))
-        cols = {k: [row[3 + i] for row in rows] for i, k in enumerate(keys)}
+        count += sum(row[3] for row in rows)
+        cols = {k: [row[4 + i] for row in rows] for i, k in enumerate(keys)}
         step_s = max(cols["step_s"])  # the slowest rank sets the pace
         samples_per_s = self.samples / max(1e-12, step_s * self.steps)
         metrics = {

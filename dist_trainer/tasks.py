@@ -271,8 +271,13 @@ def _summed(task: str, loss: Loss, outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def loss_sums(
-    task: str, outputs: Any, targets: Tensor, loss: Loss = DEFAULT_LOSS
-) -> tuple[Tensor, Tensor, Tensor]:
+    task: str,
+    outputs: Any,
+    targets: Tensor,
+    loss: Loss = DEFAULT_LOSS,
+    *,
+    count_on_host: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | int]:
     """Return ``(loss_sum, correct, count)`` for one batch, as 0-dim tensors on outputs' device.
 
     ``loss_sum`` is the sum over the counted targets of their loss (differentiable), in float64
@@ -288,6 +293,8 @@ def loss_sums(
             (``split_outputs``); logits' shape per task as in the module table.
         targets: Labels; shape and dtype per task as in the module table.
         loss: The criterion (default: the task's own), and which targets it ignores.
+        count_on_host: Return ``count`` as a Python int where every target counts (no device
+            op: the training step's path); it stays a tensor where ignored targets are masked.
 
     Raises:
         ValueError: Unknown task. OutputShapeError: shapes that do not fit the task, or a
@@ -300,8 +307,11 @@ def loss_sums(
         logits = logits.float()
     flat_out, flat_targets = _flatten(task, logits, targets, loss)
     mask = _counted_mask(task, flat_targets, loss)
+    count: Tensor | int
     if mask is None:
-        count = flat_out.new_full((), flat_out.shape[0], dtype=torch.int64)  # no H2D copy
+        count = flat_out.shape[0]
+        if not count_on_host:
+            count = flat_out.new_full((), count, dtype=torch.int64)  # no H2D copy
         safe_targets = flat_targets
     else:
         count = mask.sum()
@@ -311,18 +321,23 @@ def loss_sums(
         # The model's mean over its counted targets, re-weighted by their count; 0 when there
         # are none (its mean is then 0/0, and its backward gives zero gradients).
         total = model_loss.to(flat_out.dtype) * count
-        loss_sum = torch.where(count > 0, total, torch.zeros_like(total))
+        if isinstance(count, int):
+            loss_sum = total if count > 0 else torch.zeros_like(total)
+        else:
+            loss_sum = torch.where(count > 0, total, torch.zeros_like(total))
     elif mask is None:
         loss_sum = _summed(task, loss, flat_out, flat_targets)
     else:
         per_element = _per_element(task, loss, flat_out, safe_targets)
         loss_sum = (per_element * mask.to(per_element.dtype)).sum()
-    # Comparisons and argmax record no graph: no no_grad() needed (it costs host time per call).
+    # On the detached outputs: ops on a tensor that needs grad cost more host time each (no
+    # no_grad() either: entering it costs as much as the detach).
+    predicted = flat_out.detach()
     if task == "binary":
         threshold = 0.5 if loss.probabilities else 0.0
-        hits = (flat_out > threshold) == (flat_targets > 0.5)
+        hits = (predicted > threshold) == (flat_targets > 0.5)
     else:
-        hits = flat_out.argmax(dim=1) == flat_targets
+        hits = predicted.argmax(dim=1) == flat_targets
     correct = (hits if mask is None else hits & mask).sum()
     return loss_sum, correct, count
 
