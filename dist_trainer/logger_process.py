@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -215,5 +216,8 @@ def _serve(conn: Connection) -> None:
 
 
 if __name__ == "__main__":
+    # A terminal's Ctrl-C reaches the whole foreground process group: the worker handles it and
+    # then closes this child, which must live on to write what was queued before it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _serve(Connection(int(sys.argv[1])))

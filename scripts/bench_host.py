@@ -106,6 +106,7 @@ def ours_seconds(steps: int, warmup: int, measure: bool, folder: str, info=None)
             uri = f"sqlite:///{folder}/mlflow.db"
             run_id = start_job_run(uri, prepare_store(uri, "bench_host"), "ours", {}, {})
             logger = LoggerProcess(uri, run_id)
+            logger.flush()  # the child started: its start-up is not a step's cost
         trainer = Trainer(job, plan_batches(32, info.world_size), info, logger=logger)
         started = time.perf_counter()
         trainer.fit()
