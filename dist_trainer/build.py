@@ -322,9 +322,17 @@ class LearningRateSchedule:
     on this project's CPU benchmark (scripts/bench_host.py), for a constant lr too.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float]) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        factor: Callable[[int], float],
+        constant_from: int | None = None,
+    ) -> None:
         self.optimizer = optimizer
         self.factor = factor
+        # The step from which the factor no longer changes (None: it may change at any step):
+        # from there on `step()` only counts.
+        self.constant_from = constant_from
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.last_epoch = 0  # optimizer steps taken (LambdaLR's name)
         self._applied: float | None = None
@@ -340,7 +348,8 @@ class LearningRateSchedule:
     def step(self) -> None:
         """After an optimizer step: set the lr the next step trains with."""
         self.last_epoch += 1
-        self._apply()
+        if self.constant_from is None or self.last_epoch <= self.constant_from:
+            self._apply()
 
     def get_last_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
@@ -376,4 +385,5 @@ def build_scheduler(
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
 
-    return LearningRateSchedule(optimizer, factor)
+    constant_from = warmup if optim.schedule != "cosine" else None
+    return LearningRateSchedule(optimizer, factor, constant_from)

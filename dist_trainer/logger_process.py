@@ -13,6 +13,11 @@ RunLogger's (dist_trainer.run_logger): append-only, outages retried with a fallb
 refused writes dropped alone. Metrics keep the time they were logged at, not the time the
 child writes them.
 
+Metric points go out in batches: a log call within `_SEND_EVERY_S` of the last send waits in a
+list that a timer thread sends when that time is up (any other call, and flush() and close(),
+send it first, so the order holds). A send wakes the child, and at thousands of steps/s with a
+log call every 10 steps that costs ~40 µs of the training process's time per call.
+
 A worker killed outright takes its logger with it, as a thread would be: the child sees the
 socket close (the kernel closes it with the parent) and exits at once, writing nothing more. A
 child that wrote on after its parent died could race the next attempt's logger, which reads
@@ -29,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -42,6 +48,8 @@ log = logging.getLogger(__name__)
 
 # How long close() waits for the child beyond RunLogger's own flush timeout before killing it.
 _CLOSE_GRACE_S = 30.0
+# A log call this soon after the last send waits for the next one (at most this long).
+_SEND_EVERY_S = 0.25
 # Asked of the kernel per socket end (it caps it at net.core.wmem_max / rmem_max): a log call is
 # ~0.5 kB, and the child needs a second or two to start reading.
 _SOCKET_BUFFER_BYTES = 4 << 20
@@ -68,6 +76,14 @@ class LoggerProcess(NullLogger):
             end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
             end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER_BYTES)
         self._conn = Connection(mine.detach())
+        # log_metrics calls not sent yet, and the thread that sends them when they are due.
+        self._lock = threading.Lock()  # the list, and the socket's sending end
+        self._pending: list[tuple[dict[str, float], int, int]] = []
+        self._last_send = 0.0
+        self._due = threading.Event()
+        self._closed = False
+        self._sender = threading.Thread(target=self._send_when_due, daemon=True)
+        self._sender.start()
         env = dict(os.environ)
         # The child imports dist_trainer from wherever this process did.
         package_root = str(Path(__file__).resolve().parent.parent)
@@ -85,7 +101,16 @@ class LoggerProcess(NullLogger):
     # ---------------------------------------------------------------- RunLogger's interface
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now_ms = int(time.time() * 1000)
-        self._send(("log_metrics", (metrics, step, now_ms)))
+        if self._thread_logger is not None:
+            self._call_thread_logger(("log_metrics", (metrics, step, now_ms)))
+            return
+        with self._lock:
+            self._pending.append((metrics, step, now_ms))
+            due = time.monotonic() - self._last_send >= _SEND_EVERY_S
+        if due:
+            self._send(("metrics", ()))
+        else:
+            self._due.set()
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._send(("log_params", (params,)))
@@ -117,9 +142,12 @@ class LoggerProcess(NullLogger):
         """Flush and stop the child (RunLogger.close runs there and logs what it has to say);
         never raises."""
         if self._thread_logger is not None:
+            self._stop_sender()
+            self._send(("metrics", ()))  # what the timer had not sent yet
             self._close_thread_logger()
             return
         timeout = self._options.get("flush_timeout_s", 60.0) + _CLOSE_GRACE_S
+        self._stop_sender()
         if self._send(("close", ())):
             figures = self._reply(timeout)
             if isinstance(figures, dict):
@@ -134,19 +162,46 @@ class LoggerProcess(NullLogger):
         if self._thread_logger is not None:  # the child died during close: the rest is here
             self._close_thread_logger()
 
+    def _stop_sender(self) -> None:
+        self._closed = True
+        self._due.set()
+        self._sender.join()
+
     # ---------------------------------------------------------------- the socket
     def _send(self, message: tuple[str, tuple]) -> bool:
-        """Hand a call to the child; False (and calls go to a thread from then on) if it died."""
-        if self._thread_logger is not None:
-            self._call_thread_logger(message)
-            return False
-        try:
-            self._conn.send(message)
-            return True
-        except OSError as exc:
-            self._child_died(exc)
-            self._call_thread_logger(message)
-            return False
+        """Hand the pending points and then a call to the child (("metrics", ()) sends only the
+        points); False (and calls go to a thread from then on) if it died."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._last_send = time.monotonic()
+            if self._thread_logger is None:
+                try:
+                    if pending:
+                        self._conn.send(("log_batch", (pending,)))
+                    if message[0] != "metrics":
+                        self._conn.send(message)
+                    return True
+                except OSError as exc:
+                    self._child_died(exc)
+        for points in pending:
+            self._call_thread_logger(("log_metrics", points))
+        self._call_thread_logger(message)
+        return False
+
+    def _send_when_due(self) -> None:
+        """The timer thread: pending points go out at most `_SEND_EVERY_S` after they came."""
+        while True:
+            self._due.wait()
+            if self._closed:
+                return
+            self._due.clear()
+            wait = self._last_send + _SEND_EVERY_S - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            with self._lock:
+                idle = not self._pending or self._closed
+            if not idle:
+                self._send(("metrics", ()))
 
     def _reply(self, timeout_s: float) -> Any:
         try:
@@ -170,6 +225,8 @@ class LoggerProcess(NullLogger):
 
     def _call_thread_logger(self, message: tuple[str, tuple]) -> None:
         name, args = message
+        if name == "metrics":
+            return
         if name == "log_metrics":
             metrics, step, now_ms = args
             self._thread_logger.log_metrics(metrics, step, timestamp_ms=now_ms)
@@ -195,9 +252,9 @@ def _serve(conn: Connection) -> None:
             # The worker died without close(): stop now, as its thread would have (see the
             # module docstring). os._exit: the logger thread must not flush on the way out.
             os._exit(0)
-        if name == "log_metrics":
-            metrics, step, now_ms = args
-            logger.log_metrics(metrics, step, timestamp_ms=now_ms)
+        if name == "log_batch":
+            for metrics, step, now_ms in args[0]:
+                logger.log_metrics(metrics, step, timestamp_ms=now_ms)
         elif name == "flush":
             conn.send(logger.flush(*args))
         elif name == "close":

@@ -85,9 +85,11 @@ from dist_trainer.run_logger import NullLogger, SystemMetrics
 from dist_trainer.sampling import GlobalBatchSampler, shard_for_rank
 from dist_trainer.tasks import (
     OutputShapeError,
+    Predictions,
     TargetCount,
     check_outputs,
     forward_batch,
+    loss_sum_and_predictions,
     loss_sums,
     split_outputs,
 )
@@ -98,6 +100,8 @@ log = logging.getLogger(__name__)
 
 # How long a new attempt waits for its start to be on record in the run (see Trainer.fit).
 _ATTEMPT_RECORD_WAIT_S = 20.0
+# One do-nothing context for every step that needs none (nullcontext is reusable).
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,7 @@ class Trainer:
         self.autocast = (
             torch.autocast(self.device.type, dtype=precision.autocast_dtype)
             if precision.autocast_dtype is not None
-            else contextlib.nullcontext()
+            else _NO_CONTEXT
         )
         self._first_outputs_checked = False
         self.auto_batch: autobatch.AutoMicroBatch | None = None
@@ -218,6 +222,9 @@ class Trainer:
         self.total_steps = min(job.trainer.max_steps or epoch_steps, epoch_steps)
         self.optimizer = build_optimizer(job.optim, self.model.parameters(), plan.global_batch_size)
         self.scheduler = build_scheduler(self.optimizer, job.optim, self.total_steps)
+        # Read per step: kept as plain ints (not through the config's attribute chain).
+        self._log_every = job.trainer.log_every_n_steps
+        self._checkpoint_every = job.trainer.checkpoint_every_n_steps
         self.step = 0  # optimizer steps taken
         self.epoch = 0
         self.step_in_epoch = 0
@@ -236,6 +243,8 @@ class Trainer:
             info.local_rank,
             self.distributed,
             self.clock.seconds,
+            # A compiled model may hand back buffers its next call overwrites (CUDA graphs).
+            defer_predictions=not job.trainer.compile,
         )
         self.flops_per_sample = flops_per_sample(
             job, self.data, self.loss, self.dtype, plan.micro_batch_size
@@ -303,20 +312,20 @@ class Trainer:
 
     def _micro_step(
         self, x: Any, y: torch.Tensor, scale: float | torch.Tensor, sync: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Forward and backward of one micro-batch; returns its (loss sum, correct, count)."""
+    ) -> tuple[torch.Tensor, Predictions, torch.Tensor | int]:
+        """Forward and backward of one micro-batch; returns its (loss sum, predictions, count)."""
         syncs = sync or not self.distributed
-        with contextlib.nullcontext() if syncs else self.ddp.no_sync():
+        with _NO_CONTEXT if syncs else self.ddp.no_sync():
             with self.autocast:
                 outputs = forward_batch(self.forward, x, y, self.loss)
                 if not self._first_outputs_checked:
                     self._check_first_outputs(outputs, y)
-                loss_sum, correct, count = loss_sums(
+                loss_sum, predictions, count = loss_sum_and_predictions(
                     self.data.task, outputs, y, self.loss, count_on_host=True
                 )
             loss = loss_sum * scale
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-        return loss_sum.detach(), correct, count
+        return loss_sum.detach(), predictions, count
 
     def train_step(self, step: FedStep) -> None:
         """One optimizer step: accumulate the micro-steps, all-reduce once, update."""
@@ -511,10 +520,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- run
     def _should_log(self) -> bool:
-        return self.step == 1 or self.step % self.job.trainer.log_every_n_steps == 0
+        return self.step == 1 or self.step % self._log_every == 0
 
     def _should_checkpoint(self) -> bool:
-        every = self.job.trainer.checkpoint_every_n_steps
+        every = self._checkpoint_every
         return bool(every) and self.step % every == 0 and self.step < self.total_steps
 
     def _should_validate(self, epoch_done: bool, finished: bool) -> bool:
@@ -581,9 +590,14 @@ class Trainer:
         out: dict[str, float] = {}
         epoch_done = self.step_in_epoch >= self.sampler.steps_per_epoch
         finished = self.step >= self.total_steps
-        if self.interval.steps:
+        validate = self._should_validate(epoch_done, finished)
+        every_epoch = epoch_done and not self.job.trainer.checkpoint_every_n_steps
+        checkpoint = (finished or every_epoch) and self._last_checkpoint != self.step
+        # The interval closes where validation or a checkpoint needs it closed (and at the
+        # end); an epoch's end alone does not cut it: short epochs log every n steps too.
+        if self.interval.steps and (validate or finished or (checkpoint and self.sink.persists)):
             out.update(self.log_interval())
-        if self._should_validate(epoch_done, finished):
+        if validate:
             started = time.perf_counter()
             val = self.evaluate()
             self.interval.paused_s += time.perf_counter() - started
@@ -593,8 +607,7 @@ class Trainer:
         if epoch_done:
             self.epoch += 1
             self.step_in_epoch = 0
-        every_epoch = epoch_done and not self.job.trainer.checkpoint_every_n_steps
-        if (finished or every_epoch) and self._last_checkpoint != self.step:
+        if checkpoint:
             self.checkpoint({**last, **out})
         return out
 

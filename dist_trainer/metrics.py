@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from dist_trainer import comm
+from dist_trainer.tasks import Predictions
 
 __all__ = ["GPU_KEYS", "IntervalMetrics", "StepClock", "comm_metrics", "mean"]
 
@@ -29,6 +30,17 @@ GPU_KEYS = (
     "temp_c_max",
     "sm_clock_mhz_mean",
 )
+
+
+# Predictions held for counting together, at most (elements of outputs): ~1 MB in float32.
+_PENDING_ELEMENTS = 1 << 18
+# Micro-steps whose figures wait in lists before they are summed (an interval longer is folded).
+_FOLD_EVERY = 1024
+
+
+def _sum(values: list[torch.Tensor], dtype: torch.dtype | None) -> torch.Tensor:
+    stacked = torch.stack(values)
+    return (stacked if dtype is None else stacked.to(dtype)).sum()
 
 
 class StepClock:
@@ -93,15 +105,20 @@ def comm_metrics(cols: dict[str, list[float]], world: int) -> dict[str, float]:
 class IntervalMetrics:
     """One log interval's sums on the device, and the one all-gather that turns them into metrics.
 
-    The loop adds each micro-step's loss sum, correct count and sample count as device tensors
-    (no sync), and each step's global sample count as a Python int; `collect()` gathers every
-    rank's figures in one collective, every `trainer.log_every_n_steps` steps.
+    The loop adds each micro-step's loss sum, its predictions (or correct count) and its
+    count of targets, device tensors held without an op (no sync, no small tensor op per
+    micro-step), and each step's global sample count as a Python int; `collect()` sums them
+    and gathers every rank's figures in one collective, every `trainer.log_every_n_steps`
+    steps.
 
     Args:
         device: Where the sums live.
         rank, world_size, node_rank, local_rank: Where this worker sits.
         distributed: Whether a process group is up (else a world of one).
         seconds: The clock's `seconds(start, end)`, to resolve exposed-comm stamps.
+        defer_predictions: Hold predictions until the interval counts them (up to ~1 MB of
+            outputs). False counts them at once: for outputs that a later call may overwrite
+            (a compiled model's CUDA-graph buffers).
     """
 
     def __init__(
@@ -113,19 +130,24 @@ class IntervalMetrics:
         local_rank: int,
         distributed: bool,
         seconds: Any,
+        defer_predictions: bool = True,
     ) -> None:
         self.device, self.rank, self.world_size = device, rank, world_size
         self.node_rank, self.local_rank = node_rank, local_rank
         self.distributed = distributed
+        self._max_pending = _PENDING_ELEMENTS if defer_predictions else -1
         self._seconds = seconds
         self._ids: list[tuple[int, int]] | None = None
         self.reset()
 
     def reset(self) -> None:
-        # The counts in int64, as loss_sums gives them: adding them casts nothing.
-        self._loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._correct = torch.zeros((), device=self.device, dtype=torch.int64)
-        self._count = torch.zeros((), device=self.device, dtype=torch.int64)
+        # Each micro-step's figures wait in lists, summed once per interval: appending a tensor
+        # costs no op, where `total += x` is an op (a kernel launch on a GPU) per micro-step.
+        self._loss_sums: list[torch.Tensor] = []
+        self._counts: list[torch.Tensor] = []  # device counts (targets masked)
+        self._corrects: list[torch.Tensor] = []
+        self._pending: list[Predictions] = []  # counted together (Predictions.correct_of)
+        self._pending_elements = 0
         self._host_count = 0  # counts known on the host (every target counts): no device op
         self.samples = 0  # global samples of the interval's optimizer steps
         self.steps = 0
@@ -135,14 +157,52 @@ class IntervalMetrics:
         self.paused_s = 0.0  # validation and checkpoints inside the interval: not step time
 
     def add_micro_step(
-        self, loss_sum: torch.Tensor, correct: torch.Tensor, count: torch.Tensor | int
+        self,
+        loss_sum: torch.Tensor,
+        correct: torch.Tensor | Predictions,
+        count: torch.Tensor | int,
     ) -> None:
-        self._loss_sum += loss_sum
-        self._correct += correct
-        if isinstance(count, int):
+        """One micro-step's detached loss sum, its correct count (or its predictions, counted
+        with the others' later) and its count of targets (an int where known on the host)."""
+        sums = self._loss_sums
+        sums.append(loss_sum)
+        if type(correct) is Predictions:
+            self._pending.append(correct)
+            self._pending_elements += correct.outputs.numel()
+            # Held outputs are bounded (an LM's logits are counted at once): memory stays flat.
+            if self._pending_elements > self._max_pending:
+                self._count_pending()
+        else:
+            self._corrects.append(correct)
+        if type(count) is int:
             self._host_count += count
         else:
-            self._count += count
+            self._counts.append(count)
+        if len(sums) >= _FOLD_EVERY:  # a very long interval: fold, bounded lists
+            self._fold()
+
+    def _count_pending(self) -> None:
+        if self._pending:
+            self._corrects.append(Predictions.correct_of(self._pending))
+            self._pending, self._pending_elements = [], 0
+
+    def _fold(self) -> None:
+        """Each list summed into one tensor (float64 for the loss, int64 for the counts)."""
+        self._count_pending()
+        for name, dtype in (("_loss_sums", torch.float64), ("_corrects", None), ("_counts", None)):
+            values = getattr(self, name)
+            if len(values) > 1:
+                setattr(self, name, [_sum(values, dtype)])
+
+    def _totals(self) -> list[torch.Tensor]:
+        """The interval's loss sum (float64), correct and device count (int64), 0-dim each."""
+        self._fold()
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
+        return [
+            self._loss_sums[0].to(torch.float64) if self._loss_sums else zero,
+            self._corrects[0] if self._corrects else zero,
+            self._counts[0] if self._counts else zero,
+        ]
 
     def add_step(self, global_count: int) -> None:
         self.samples += global_count
@@ -199,7 +259,7 @@ class IntervalMetrics:
         values = [per_rank[k] for k in sorted(per_rank)] + [gpu.get(k, math.nan) for k in GPU_KEYS]
         # Python floats from here on: a handful of numbers per rank, no small tensor ops.
         values = [float(self._host_count), *values]
-        rows = self._gather(values, [self._loss_sum, self._correct, self._count])
+        rows = self._gather(values, self._totals())
         loss_sum, correct, count = (sum(row[i] for row in rows) for i in range(3))
         count += sum(row[3] for row in rows)
         cols = {k: [row[4 + i] for row in rows] for i, k in enumerate(keys)}

@@ -49,10 +49,12 @@ __all__ = [
     "Loss",
     "OutputShapeError",
     "OutputTypeError",
+    "Predictions",
     "TargetCount",
     "check_outputs",
     "counted_targets",
     "forward_batch",
+    "loss_sum_and_predictions",
     "loss_sums",
     "split_outputs",
 ]
@@ -132,6 +134,8 @@ def forward_batch(model: Callable[..., Any], inputs: Any, targets: Tensor, loss:
     """Call the model on a batch's inputs: a dict as keyword arguments (``input_ids=...,
     attention_mask=...``), a tuple or list as positional arguments, anything else as the one
     argument. With ``loss.from_model`` the targets go along as ``loss.target_key``."""
+    if isinstance(inputs, Tensor) and not loss.from_model:  # the common case, first
+        return model(inputs)
     extra = {loss.target_key: targets} if loss.from_model else {}
     if isinstance(inputs, Mapping):
         return model(**inputs, **extra)
@@ -300,11 +304,101 @@ def loss_sums(
         ValueError: Unknown task. OutputShapeError: shapes that do not fit the task, or a
             criterion that reduces; OutputTypeError: outputs that hold no logits.
     """
+    loss_sum, predictions, count = loss_sum_and_predictions(
+        task, outputs, targets, loss, count_on_host=count_on_host
+    )
+    return loss_sum, predictions.correct(), count
+
+
+@dataclass(frozen=True, slots=True)
+class Predictions:
+    """A batch's detached outputs and targets, flat as the criterion saw them: its correct
+    predictions counted when asked (`correct`), or for many batches at once (`correct_of`).
+
+    Counting costs a few small ops per batch (compare, compare, sum: each a kernel launch on a
+    GPU, a few µs of dispatch on a CPU); the training step hands its batches' predictions to
+    the log interval, which counts them together.
+
+    Args:
+        outputs: Logits (or probabilities), detached: [N] or [N, 1] (binary), or [N, C].
+        targets: Binary: outputs' shape and dtype; else [N] int64 class indices.
+        mask: [N] bool, True where a target counts; None when every one does.
+        threshold: binary: predicted positive above it; None: argmax over classes.
+    """
+
+    outputs: Tensor
+    targets: Tensor
+    mask: Tensor | None
+    threshold: float | None
+
+    def correct(self) -> Tensor:
+        """The number of counted targets predicted right, an int64 0-dim tensor."""
+        if self.threshold is not None:
+            hits = (self.outputs > self.threshold) == (self.targets > 0.5)
+        else:
+            hits = self.outputs.argmax(dim=1) == self.targets
+        return (hits if self.mask is None else hits & self.mask).sum()
+
+    @staticmethod
+    def correct_of(batches: list[Predictions]) -> Tensor:
+        """`sum(p.correct() for p in batches)`, counted in one go where the batches stack (one
+        run's batches do: same task, loss and class count)."""
+        if not batches:
+            raise ValueError("correct_of needs at least one batch")
+        first = batches[0]
+        if len(batches) > 1 and len({(p.threshold, p.mask is None) for p in batches}) == 1:
+            try:
+                masks = None if first.mask is None else torch.cat([p.mask for p in batches])
+                return Predictions(
+                    torch.cat([p.outputs for p in batches]),
+                    torch.cat([p.targets for p in batches]),
+                    masks,
+                    first.threshold,
+                ).correct()
+            except RuntimeError:  # shapes that do not stack: one at a time
+                pass
+        return torch.stack([p.correct() for p in batches]).sum()
+
+
+def _same_shape_sum(task: str, loss: Loss, logits: Tensor, targets: Tensor) -> bool:
+    # A summing criterion (built with reduction="sum": elementwise, e.g. BCELoss) on binary
+    # [B,1] outputs against [B,1] float targets gives the flat tensors' sum: calling it on them
+    # saves the squeeze views, forward and backward.
+    return (
+        task == "binary"
+        and loss.sum_fn is not None
+        and not loss.from_model
+        and logits.dim() == 2
+        and logits.shape[1] == 1
+        and targets.shape == logits.shape
+        and targets.dtype == logits.dtype
+    )
+
+
+def loss_sum_and_predictions(
+    task: str,
+    outputs: Any,
+    targets: Tensor,
+    loss: Loss = DEFAULT_LOSS,
+    *,
+    count_on_host: bool = False,
+) -> tuple[Tensor, Predictions, Tensor | int]:
+    """`loss_sums`, with the correct count left to the caller: ``(loss_sum, predictions,
+    count)`` (the training step's path: its log interval counts many batches' hits at once)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks are {TASKS}")
     logits, model_loss = split_outputs(outputs, loss)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
+    threshold = (0.5 if loss.probabilities else 0.0) if task == "binary" else None
+    if _same_shape_sum(task, loss, logits, targets):
+        # Binary [B,1] against [B,1] (every target counts): no flat views, and the hits compare
+        # elementwise all the same.
+        count = targets.shape[0]
+        if not count_on_host:
+            count = targets.new_full((), count, dtype=torch.int64)
+        predictions = Predictions(logits.detach(), targets, None, threshold)
+        return loss.sum_fn(logits, targets), predictions, count
     flat_out, flat_targets = _flatten(task, logits, targets, loss)
     mask = _counted_mask(task, flat_targets, loss)
     count: Tensor | int
@@ -312,11 +406,8 @@ def loss_sums(
         count = flat_out.shape[0]
         if not count_on_host:
             count = flat_out.new_full((), count, dtype=torch.int64)  # no H2D copy
-        safe_targets = flat_targets
     else:
         count = mask.sum()
-        # An ignored target (-100) is no class index: give the criterion class 0, drop it after.
-        safe_targets = torch.where(mask, flat_targets, torch.zeros_like(flat_targets))
     if loss.from_model:
         # The model's mean over its counted targets, re-weighted by their count; 0 when there
         # are none (its mean is then 0/0, and its backward gives zero gradients).
@@ -328,18 +419,13 @@ def loss_sums(
     elif mask is None:
         loss_sum = _summed(task, loss, flat_out, flat_targets)
     else:
+        # An ignored target (-100) is no class index: give the criterion class 0, drop it after.
+        safe_targets = torch.where(mask, flat_targets, torch.zeros_like(flat_targets))
         per_element = _per_element(task, loss, flat_out, safe_targets)
         loss_sum = (per_element * mask.to(per_element.dtype)).sum()
-    # On the detached outputs: ops on a tensor that needs grad cost more host time each (no
-    # no_grad() either: entering it costs as much as the detach).
-    predicted = flat_out.detach()
-    if task == "binary":
-        threshold = 0.5 if loss.probabilities else 0.0
-        hits = (predicted > threshold) == (flat_targets > 0.5)
-    else:
-        hits = predicted.argmax(dim=1) == flat_targets
-    correct = (hits if mask is None else hits & mask).sum()
-    return loss_sum, correct, count
+    # Detached: ops on a tensor that needs grad cost more host time each (no no_grad() either:
+    # entering it costs as much as the detach).
+    return loss_sum, Predictions(flat_out.detach(), flat_targets, mask, threshold), count
 
 
 class TargetCount:

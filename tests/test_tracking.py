@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dist_trainer.config import ConfigError
+from dist_trainer.logger_process import LoggerProcess
 from dist_trainer.run_logger import RunLogger
 from dist_trainer.tracking import (
     REFUSED_TAG,
@@ -73,6 +74,34 @@ def test_one_run_with_params_and_batched_metrics(store):
     assert history[-1].value == pytest.approx(1 / 250)
     assert enqueue_s < 0.5, "logging must not wait on the store"
     assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml"]
+
+
+def test_the_logger_process_sends_bursts_in_batches_and_a_lone_point_on_time(store):
+    uri, experiment_id = store
+    run_id = start_job_run(uri, experiment_id, "r", {}, {})
+    logger = LoggerProcess(uri, run_id, flush_interval_s=0.05)
+    try:
+        assert logger.flush(), "the child process starts and answers"
+        for step in range(1, 301):  # a burst: most calls wait for the timer's batch
+            logger.log_metrics({"train/loss": 1.0 / step}, step=step)
+            if step == 150:  # any other call sends what waits first: order holds
+                logger.log_params({"plan.total_steps": 300})
+        client = MlflowClient(uri)
+        # No flush: the timer thread sends the burst's tail, and the child writes it.
+        deadline = time.monotonic() + 20
+        while len(client.get_metric_history(run_id, "train/loss")) < 300:
+            assert time.monotonic() < deadline, "the points that waited were never sent"
+            time.sleep(0.1)
+        logger.log_metrics({"val/loss": 0.5}, step=300)  # a lone point, soon after the burst
+        while not client.get_metric_history(run_id, "val/loss"):
+            assert time.monotonic() < deadline, "a lone point waits for no later call"
+            time.sleep(0.1)
+        logger.log_metrics({"train/loss": 0.1}, step=301)
+    finally:
+        logger.close()  # sends what still waits
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [m.step for m in history] == list(range(1, 302))
+    assert client.get_run(run_id).data.params == {"plan.total_steps": "300"}
 
 
 def test_failed_job_keeps_its_reason(store):
