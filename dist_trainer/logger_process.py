@@ -4,9 +4,8 @@ Writing a metric point into MLflow's sqlite store costs ~100 µs of CPU (SQLAlch
 the latest-metrics table it updates per key). In a thread of the training process that time is
 taken under the GIL, so it comes off the training step: at 1,200 steps/s with 10 keys logged
 every 10 steps, about 120 µs per step (scripts/bench_host.py). In a child process it runs on
-another core, and the training process only pickles each log call onto a socket (~10 µs per
-call, once per log interval). The child also keeps `import mlflow` (seconds of CPU) out of the
-worker.
+another core, and the training process only pickles the log calls onto a socket, a batch at a
+time (below). The child also keeps `import mlflow` (seconds of CPU) out of the worker.
 
 `LoggerProcess` has RunLogger's interface and runs a RunLogger in the child, so the rules are
 RunLogger's (dist_trainer.run_logger): append-only, outages retried with a fallback file,

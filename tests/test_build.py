@@ -276,3 +276,20 @@ def test_warm_up_starts_at_zero(schedule, expected):
         scheduler.step()
     assert seen == pytest.approx([0.2 * f for f in expected], abs=1e-6)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2 if schedule == "constant" else 0)
+
+
+def test_a_constant_lr_resumes_at_its_value_though_steps_only_count():
+    # From the end of the warm-up the factor is constant: step() only counts, and a resumed
+    # schedule (state dict) sets the lr a fresh one would have at that step.
+    optim = OptimConfig(optimizer={"_target_": "torch.optim.SGD", "lr": 0.2}, warmup_steps=2)
+    optimizer = build_optimizer(optim, [torch.nn.Parameter(torch.zeros(1))], 64)
+    scheduler = build_scheduler(optimizer, optim, total_steps=10)
+    for _ in range(5):
+        scheduler.step()
+    state = scheduler.state_dict()
+    again = build_optimizer(optim, [torch.nn.Parameter(torch.zeros(1))], 64)
+    resumed = build_scheduler(again, optim, total_steps=10)
+    assert again.param_groups[0]["lr"] == 0.0  # a fresh schedule starts its warm-up at 0
+    resumed.load_state_dict(state)
+    assert resumed.last_epoch == 5
+    assert again.param_groups[0]["lr"] == pytest.approx(0.2) == optimizer.param_groups[0]["lr"]

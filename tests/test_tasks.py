@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 from dist_trainer import data
 from dist_trainer.models import MLP
-from dist_trainer.tasks import TASKS, Loss, OutputShapeError, loss_sums
+from dist_trainer.tasks import (
+    TASKS,
+    Loss,
+    OutputShapeError,
+    Predictions,
+    loss_sum_and_predictions,
+    loss_sums,
+)
 
 
 def _manual_bce_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -201,3 +208,85 @@ def test_a_reducing_criterion_is_refused():
             torch.randint(0, 3, (4,)),
             Loss(lambda o, t: F.cross_entropy(o, t), "mean_ce"),
         )
+
+
+def _reference_correct(outputs: list[torch.Tensor], targets: list[torch.Tensor], rule) -> int:
+    """Correct predictions counted one element at a time, in Python."""
+    hits = 0
+    for out, y in zip(outputs, targets, strict=True):
+        for o, t in zip(out.tolist(), y.tolist(), strict=True):
+            hits += rule(o, t)
+    return hits
+
+
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_predictions_of_many_batches_count_as_one_by_one(probabilities):
+    torch.manual_seed(1)
+    loss = Loss(
+        fn=torch.nn.BCELoss(reduction="none") if probabilities else None,
+        probabilities=probabilities,
+        sum_fn=torch.nn.BCELoss(reduction="sum") if probabilities else None,
+    )
+    outputs, targets, batches = [], [], []
+    for size in (5, 7, 1, 0, 4):  # an empty micro-batch too (a rank with no data)
+        out = torch.rand(size, 1) if probabilities else torch.randn(size, 1)
+        y = torch.randint(0, 2, (size, 1)).float()
+        _, predictions, _ = loss_sum_and_predictions("binary", out, y, loss)
+        outputs.append(out.flatten())
+        targets.append(y.flatten())
+        batches.append(predictions)
+    threshold = 0.5 if probabilities else 0.0
+    expected = _reference_correct(outputs, targets, lambda o, t: (o > threshold) == (t > 0.5))
+    assert int(Predictions.correct_of(batches)) == expected
+    assert sum(int(p.correct()) for p in batches) == expected
+    # Batches that do not stack ([B] beside [B,1]) are counted one at a time, the same.
+    flat = loss_sum_and_predictions("binary", outputs[0], targets[0], loss)[1]
+    assert int(Predictions.correct_of([flat, *batches])) == expected + int(flat.correct())
+
+
+def test_predictions_with_ignored_targets_count_only_the_counted():
+    torch.manual_seed(2)
+    outputs, targets, batches = [], [], []
+    for size in (6, 3):
+        out = torch.randn(size, 4)
+        y = torch.randint(0, 4, (size,))
+        y[0] = -100  # ignored
+        _, predictions, count = loss_sum_and_predictions("multiclass", out, y)
+        assert int(count) == size - 1
+        outputs.append(out)
+        targets.append(y)
+        batches.append(predictions)
+    expected = sum(
+        int(o.argmax()) == t
+        for out, y in zip(outputs, targets, strict=True)
+        for o, t in zip(out, y.tolist(), strict=True)
+        if t != -100
+    )
+    assert int(Predictions.correct_of(batches)) == expected
+
+
+def test_binary_column_outputs_sum_as_the_flat_ones_forward_and_backward():
+    # The [B,1] against [B,1] path calls the summing criterion without flat views: same loss,
+    # same gradient as the flat path (a [B] model output).
+    torch.manual_seed(3)
+    probs = torch.rand(8, 1).clamp(0.05, 0.95)
+    y = torch.randint(0, 2, (8, 1)).float()
+    loss = Loss(
+        fn=torch.nn.BCELoss(reduction="none"),
+        probabilities=True,
+        sum_fn=torch.nn.BCELoss(reduction="sum"),
+    )
+    column = probs.clone().requires_grad_()
+    flat = probs.flatten().clone().requires_grad_()
+    column_sum, _, count = loss_sum_and_predictions("binary", column, y, loss, count_on_host=True)
+    flat_sum, _, _ = loss_sum_and_predictions("binary", flat, y.flatten(), loss)
+    manual = -sum(
+        t * math.log(p) + (1 - t) * math.log(1 - p)
+        for p, t in zip(probs.flatten().tolist(), y.flatten().tolist(), strict=True)
+    )
+    assert count == 8 and isinstance(count, int)
+    assert column_sum.item() == pytest.approx(manual, rel=1e-5)
+    assert flat_sum.item() == pytest.approx(manual, rel=1e-5)
+    column_sum.backward()
+    flat_sum.backward()
+    torch.testing.assert_close(column.grad.flatten(), flat.grad)
