@@ -114,7 +114,8 @@ def _bench_comm_fn(config: dict[str, Any]) -> None:
 
 def run_bench_comm(cfg: Any) -> str:
     """Driver side: same checks and worker set-up as `train`, its own MLflow run; returns its id."""
-    from dist_trainer.driver import launch, prepare
+    from dist_trainer.groups import launch
+    from dist_trainer.jobs import prepare
 
     prepared = prepare(cfg)
     job = prepared.job

@@ -18,6 +18,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from dist_trainer.errors import ConfigError
+
 __all__ = [
     "CommConfig",
     "ConfigError",
@@ -37,10 +39,6 @@ __all__ = [
     "register_configs",
     "resolve_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the key and how to fix it."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -510,7 +508,7 @@ class JobConfig:
         self.data_options = DataOptions(
             **{k: self.data[k] for k in DataOptions.__dataclass_fields__ if k in self.data}
         )
-        from dist_trainer.loading import LoaderConfig  # loading imports this module
+        from dist_trainer.loading import LoaderConfig  # lazily: it imports torch
 
         loader = self.data.get("loader") or {}
         _require(

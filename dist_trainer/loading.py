@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from dist_trainer.config import ConfigError
+from dist_trainer.errors import ConfigError
 from dist_trainer.sampling import GlobalBatchSampler
 
 __all__ = ["BatchFeed", "FedStep", "LoaderConfig", "collate_items", "map_tensors", "tensors_of"]

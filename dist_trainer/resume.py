@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from dist_trainer import driver, tracking
+from dist_trainer import driver, jobs, tracking
 from dist_trainer.config import ConfigError
 from dist_trainer.ray_cluster import start_cluster
 
@@ -94,7 +94,7 @@ def _check_takeover(run: Any, force: bool) -> None:
 
 def _logged_config(uri: str, run_id: str, overrides: list[str]) -> dict[str, Any]:
     """The config the run trained with, with the allowed overrides applied."""
-    client = tracking._client(uri)
+    client = tracking.mlflow_client(uri)
     with tempfile.TemporaryDirectory(prefix="dist_trainer_resume_") as folder:
         try:
             path = client.download_artifacts(run_id, "config.yaml", folder)
@@ -117,13 +117,13 @@ def _logged_config(uri: str, run_id: str, overrides: list[str]) -> dict[str, Any
     return OmegaConf.to_container(config, resolve=True)
 
 
-def _checkpoint_note(prepared: driver.Prepared, run_id: str) -> str:
+def _checkpoint_note(prepared: jobs.Prepared, run_id: str) -> str:
     """Where the checkpoints are; which one Ray Train restores, the workers say as they start
     (it is the latest one Ray Train registered, not the latest folder: a worker may have
     written one more while its driver was dying)."""
     storage = prepared.job.scaling.storage_path
     folder = storage if "://" in storage else Path(storage).resolve()
-    name = driver.ray_train_run_name(run_id)
+    name = jobs.ray_train_run_name(run_id)
     if isinstance(folder, Path) and not (folder / name).is_dir():
         return (
             f"no checkpoints in {folder / name}: the job starts again from step 0, in the same "
@@ -138,7 +138,7 @@ def resume(
     overrides: list[str] | None = None,
     force: bool = False,
     show_progress: bool = True,
-) -> driver.JobResult:
+) -> jobs.JobResult:
     """Drive job run `run_id` to its end from its latest checkpoint (the module docstring)."""
     t_start = time.perf_counter()
     uri = tracking.normalize_tracking_uri(tracking_uri)
@@ -148,7 +148,7 @@ def resume(
             "in, or pass --tracking-uri (the store the job logged to)"
         )
     tracking.check_tracking_uri(uri)
-    client = tracking._client(uri)
+    client = tracking.mlflow_client(uri)
     try:
         run = client.get_run(run_id)
     except Exception as exc:  # noqa: BLE001 - MlflowException: no such run
@@ -157,12 +157,12 @@ def resume(
             "--tracking-uri (the store the job logged to)"
         ) from None
     _check_takeover(run, force)
-    prepared = driver.prepare(_logged_config(uri, run_id, list(overrides or [])))
+    prepared = jobs.prepare(_logged_config(uri, run_id, list(overrides or [])))
     print(f"[dist-trainer] {prepared.describe_plan()}", flush=True)
     print(f"[dist-trainer] {_checkpoint_note(prepared, run_id)}", flush=True)
     cluster = start_cluster(prepared.job, prepared.tracking_uri)
     resumes = int(run.data.tags.get(tracking.RESUMES_TAG, "0")) + 1
-    client.set_tag(run_id, tracking.DRIVER_TAG, driver.driver_tag())
+    client.set_tag(run_id, tracking.DRIVER_TAG, jobs.driver_tag())
     client.set_tag(run_id, tracking.RESUMES_TAG, str(resumes))
     client.update_run(run_id, status="RUNNING")
     print(f"[dist-trainer] MLflow run {run_id} resumed (resume {resumes})", flush=True)

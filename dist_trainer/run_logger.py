@@ -57,11 +57,11 @@ from typing import Any
 
 from dist_trainer import attempts
 from dist_trainer.tracking import (
-    _MAX_PARAMS_PER_BATCH,
-    _URI_USERINFO,
+    MAX_PARAMS_PER_BATCH,
     REFUSED_TAG,
-    _client,
-    _logged_steps,
+    URI_USERINFO,
+    logged_steps_of,
+    mlflow_client,
     normalize_tracking_uri,
     redact_params,
     redact_uri,
@@ -399,7 +399,7 @@ class RunLogger(NullLogger):
 
     def _start_resumed(self, client: Any) -> None:
         run = client.get_run(self.run_id)
-        self._last_step = _logged_steps(client, self.run_id, run)
+        self._last_step = logged_steps_of(client, self.run_id, run)
         self._params_held = set(run.data.params)
 
     def _take(self, item: tuple[str, Any]) -> bool:
@@ -458,7 +458,7 @@ class RunLogger(NullLogger):
                 backlog.appendleft(("batch", batch))
             elif kind == "batch":
                 while payload.params:  # written chunks leave the batch: a retry resends the rest
-                    chunk = payload.params[:_MAX_PARAMS_PER_BATCH]
+                    chunk = payload.params[:MAX_PARAMS_PER_BATCH]
                     client.log_batch(self.run_id, params=[Param(k, v) for k, v in chunk])
                     del payload.params[: len(chunk)]
                 while payload.metrics:
@@ -520,7 +520,7 @@ class RunLogger(NullLogger):
         fallback file and take them out of the backlog."""
         kept: collections.deque = collections.deque()
         lines = []
-        head = {"run_id": self.run_id, "tracking_uri": _URI_USERINFO.sub(r"\g<scheme>", self.uri)}
+        head = {"run_id": self.run_id, "tracking_uri": URI_USERINFO.sub(r"\g<scheme>", self.uri)}
         for kind, payload in self._backlog:
             if kind in ("batch", "metrics", "params"):
                 metrics = payload.metrics if kind == "batch" else []
@@ -562,7 +562,7 @@ class RunLogger(NullLogger):
             if self.uri.startswith(("http://", "https://")):
                 for name, value in _HTTP_RETRY_DEFAULTS.items():
                     os.environ.setdefault(name, value)
-            client = _client(self.uri)
+            client = mlflow_client(self.uri)
         except BaseException as exc:  # noqa: BLE001 - reported from close()
             self._error = exc
             return
@@ -639,7 +639,7 @@ def import_unsent(path: str | os.PathLike, tracking_uri: str | None = None) -> d
         uri = normalize_tracking_uri(tracking_uri or entry["tracking_uri"])
         by_run.setdefault((uri, entry["run_id"]), []).append(entry)
     for (uri, run_id), items in by_run.items():
-        client = _client(uri)
+        client = mlflow_client(uri)
         run = client.get_run(run_id)
         params_held = set(run.data.params)
         keys = {e["key"] for e in items if e["kind"] == "metric"}
@@ -667,8 +667,8 @@ def import_unsent(path: str | os.PathLike, tracking_uri: str | None = None) -> d
             elif e["kind"] == "text":
                 client.log_text(run_id, e["text"], e["artifact_file"])
                 counts["artifacts"] += 1
-        for i in range(0, len(params), _MAX_PARAMS_PER_BATCH):
-            client.log_batch(run_id, params=params[i : i + _MAX_PARAMS_PER_BATCH])
+        for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+            client.log_batch(run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
         for i in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
             client.log_batch(run_id, metrics=metrics[i : i + _MAX_METRICS_PER_BATCH])
         counts["metrics"] += len(metrics)

@@ -384,12 +384,12 @@ def _kill_workers(queue: Any) -> None:
 
 def _describe_failure(exc: BaseException) -> tuple[str, bool]:
     """One line for the job's run, and whether it is the user's config error."""
-    from dist_trainer import driver
+    from dist_trainer import jobs
 
-    user_error = driver._config_error_in(exc)
+    user_error = jobs.config_error_in(exc)
     if user_error is not None:
         return str(user_error), True
-    lines = driver._error_text(exc).strip().splitlines()
+    lines = jobs.error_text(exc).strip().splitlines()
     return (lines[-1] if lines else type(exc).__name__), False
 
 
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from dist_trainer import driver
+    from dist_trainer import groups
     from dist_trainer.ray_cluster import RAY_DRIVER_ENV, RAY_TRAIN_ENV
 
     for key, value in {**RAY_DRIVER_ENV, "RAY_AUTH_MODE": state["auth_mode"]}.items():
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def fit(start: int = start, generation: int = generation, outcome: dict = outcome) -> None:
             try:
-                driver.run_group(
+                groups.run_group(
                     job,
                     warm_train_fn,
                     {"start_index": start, "generation": generation},

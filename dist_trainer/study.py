@@ -106,7 +106,7 @@ class StudyJob:
 
     name: str
     overrides: list[str]
-    prepared: Any = None  # driver.Prepared when its config passed the checks
+    prepared: Any = None  # jobs.Prepared when its config passed the checks
     run_id: str | None = None
     status: str = "PENDING"
     error: str | None = None
@@ -166,7 +166,7 @@ def _summary_markdown(columns: list[str], rows: list[list[Any]], failures: list[
 
 def run_study(overrides: list[str], show_progress: bool = True) -> StudyResult:
     """Run every job of the sweep in `overrides`; the parent run summarizes them."""
-    from dist_trainer import driver
+    from dist_trainer.jobs import check_user_code, create_job_run, job_tags, prepare
     from dist_trainer.progress import ProgressReporter
     from dist_trainer.ray_cluster import start_cluster
     from dist_trainer.workers import train_fn
@@ -177,8 +177,8 @@ def run_study(overrides: list[str], show_progress: bool = True) -> StudyResult:
     jobs = [StudyJob(_job_name(o, swept) or f"job{i}", o) for i, o in enumerate(job_overrides)]
     for job in jobs:  # every check that needs no Ray, for every job, before anything starts
         try:
-            job.prepared = driver.prepare(load_config(job.overrides))
-            driver.check_user_code(job.prepared)
+            job.prepared = prepare(load_config(job.overrides))
+            check_user_code(job.prepared)
         except ConfigError as exc:
             job.status, job.error = "FAILED", str(exc)
             print(f"[dist-trainer] {job.name}: config error: {exc}", flush=True)
@@ -206,7 +206,7 @@ def run_study(overrides: list[str], show_progress: bool = True) -> StudyResult:
         cluster.experiment_id,
         first.job.tracking.run_name or f"study {short_text}",
         {"study.sweep": sweep_text, "study.jobs": len(jobs)},
-        {**driver._tags(first), tracking.ROLE_TAG: "study"},
+        {**job_tags(first), tracking.ROLE_TAG: "study"},
     )
     print(
         f"[dist-trainer] study {parent}: {len(jobs)} jobs ({sweep_text}) in experiment "
@@ -217,7 +217,7 @@ def run_study(overrides: list[str], show_progress: bool = True) -> StudyResult:
     try:
         for job in jobs:
             if job.prepared is not None:
-                job.run_id = driver.create_job_run(
+                job.run_id = create_job_run(
                     job.prepared, cluster, job.name, {"mlflow.parentRunId": parent}
                 )
             else:  # refused before launch: a FAILED child says why
@@ -229,7 +229,7 @@ def run_study(overrides: list[str], show_progress: bool = True) -> StudyResult:
         for job in ready:
             groups.setdefault(job.group_key(), []).append(job)
         for members in groups.values():
-            _run_group(members, cluster, uri, driver, train_fn, ProgressReporter, show_progress)
+            _run_group(members, cluster, uri, train_fn, ProgressReporter, show_progress)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -282,8 +282,11 @@ def _report(uri: str, experiment: str, parent: str, jobs: list[StudyJob]) -> lis
     return report.findings
 
 
-def _run_group(members, cluster, uri, driver, train_fn, reporter_cls, show_progress) -> None:
+def _run_group(members, cluster, uri, train_fn, reporter_cls, show_progress) -> None:
     """The jobs of one worker set-up, in as few worker groups as failures allow."""
+    from dist_trainer.groups import run_group
+    from dist_trainer.jobs import error_text, job_payload
+
     pending = list(members)
     while pending:
         for job in pending:
@@ -297,10 +300,10 @@ def _run_group(members, cluster, uri, driver, train_fn, reporter_cls, show_progr
         reporter.start()
         error: Exception | None = None
         try:
-            driver.run_group(
+            run_group(
                 pending[0].prepared.job,
                 train_fn,
-                {"jobs": [driver.job_payload(j.prepared, j.run_id) for j in pending]},
+                {"jobs": [job_payload(j.prepared, j.run_id) for j in pending]},
                 f"dist_trainer-study-{pending[0].run_id}",
                 uri,
                 cluster.use_gpu,
@@ -322,7 +325,7 @@ def _run_group(members, cluster, uri, driver, train_fn, reporter_cls, show_progr
                 tracking.finish_job_run(uri, job.run_id, "FAILED", job.error)
             return
         failed, pending = rest[0], rest[1:]
-        failed.status, failed.error = "FAILED", driver._error_text(error).strip().splitlines()[-1]
+        failed.status, failed.error = "FAILED", error_text(error).strip().splitlines()[-1]
         tracking.finish_job_run(uri, failed.run_id, "FAILED", failed.error)
         print(f"[dist-trainer] {failed.name} failed: {failed.error}", flush=True)
         if pending:

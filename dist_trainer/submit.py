@@ -91,7 +91,7 @@ def submit(address: str, overrides: list[str], follow: bool = False, working_dir
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from dist_trainer.config import load_config
-    from dist_trainer.driver import prepare
+    from dist_trainer.jobs import prepare
 
     # ConfigError: one line, nothing submitted. The store must be reachable from the cluster,
     # not necessarily from here (http://mlflow:5000 inside a compose network).

@@ -41,6 +41,10 @@ __all__ = [
     "ui_url",
     "latest_metrics",
     "logged_steps",
+    "logged_steps_of",
+    "mlflow_client",
+    "MAX_PARAMS_PER_BATCH",
+    "URI_USERINFO",
     "log_table",
     "log_text",
     "run_statuses",
@@ -53,16 +57,16 @@ __all__ = [
 
 # MLflow's limits per log_batch call (mlflow/utils/validation.py); the metrics one is in
 # run_logger.
-_MAX_PARAMS_PER_BATCH = 100
+MAX_PARAMS_PER_BATCH = 100
 _MAX_PARAM_LENGTH = 6000
 
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential|auth)", re.I)
-_URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^@/\s]+)@", re.I)
+URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^@/\s]+)@", re.I)
 
 
 def redact_uri(uri: str) -> str:
     """`uri` fit to print: credentials (user:password@) masked."""
-    return _URI_USERINFO.sub(r"\g<scheme>***@", uri)
+    return URI_USERINFO.sub(r"\g<scheme>***@", uri)
 
 
 def normalize_tracking_uri(uri: str) -> str:
@@ -114,12 +118,13 @@ def redact_params(params: dict[str, Any]) -> dict[str, str]:
         if _SECRET_KEY.search(key.rsplit(".", 1)[-1]):
             text = "***"
         else:
-            text = _URI_USERINFO.sub(r"\g<scheme>***@", text)
+            text = URI_USERINFO.sub(r"\g<scheme>***@", text)
         safe[key] = text[:_MAX_PARAM_LENGTH]
     return safe
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """An MlflowClient for `uri` (mlflow imported only when one is made)."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -147,7 +152,7 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 def prepare_store(uri: str, experiment: str) -> str:
     """Open the store (a new sqlite file gets its schema here) and return the experiment id."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         try:
@@ -167,7 +172,7 @@ def prepare_store(uri: str, experiment: str) -> str:
 def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """The MLflow UI page of a run (or experiment): the server itself, or `make ui`'s address."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    base = _URI_USERINFO.sub(r"\g<scheme>", base)  # never print credentials
+    base = URI_USERINFO.sub(r"\g<scheme>", base)  # never print credentials
     # The UI's workflow switch (GenAI | Model training) starts on GenAI in a fresh browser,
     # whatever the experiment's kind; this parameter opens it on model training.
     page = f"{base}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
@@ -176,10 +181,11 @@ def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
 
 def latest_metrics(uri: str, run_id: str) -> dict[str, float]:
     """The run's latest value of every metric."""
-    return dict(_client(uri).get_run(run_id).data.metrics)
+    return dict(mlflow_client(uri).get_run(run_id).data.metrics)
 
 
-def _logged_steps(client: Any, run_id: str, run: Any = None) -> dict[str, int]:
+def logged_steps_of(client: Any, run_id: str, run: Any = None) -> dict[str, int]:
+    """`logged_steps` through a client at hand (and the run, if already read)."""
     run = run or client.get_run(run_id)
     # Per key, MLflow keeps the point at the largest step as the run's latest metric: one query,
     # not the whole history (mlflow.system_metrics reads it the same way).
@@ -194,7 +200,7 @@ def _logged_steps(client: Any, run_id: str, run: Any = None) -> dict[str, int]:
 
 def logged_steps(uri: str, run_id: str) -> dict[str, int]:
     """The last step the run has logged, per metric key (keys never logged are absent)."""
-    return _logged_steps(_client(uri), run_id)
+    return logged_steps_of(mlflow_client(uri), run_id)
 
 
 def start_job_run(
@@ -206,14 +212,14 @@ def start_job_run(
     artifacts: dict[str, str] | None = None,
 ) -> str:
     """Create the job's one run with its params, tags and text artifacts; return its id."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     from mlflow.entities import Param
 
     items = [Param(k, v) for k, v in redact_params(params).items()]
-    for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH])
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
     for name, text in (artifacts or {}).items():
         client.log_text(run_id, text, name)
     return run_id
@@ -221,13 +227,13 @@ def start_job_run(
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
     """A text artifact from the driver (summaries, reports)."""
-    _client(uri).log_text(run_id, text, artifact_file)
+    mlflow_client(uri).log_text(run_id, text, artifact_file)
 
 
 def plan_text(uri: str, run_id: str, planned: str) -> str:
     """The plan a job trained with: `planned`, or with trainer.max_micro_batch_size=auto the
     split the workers found and logged (plan.micro_batch_size, plan.accumulation_steps)."""
-    params = _client(uri).get_run(run_id).data.params
+    params = mlflow_client(uri).get_run(run_id).data.params
     if "plan.auto_micro_batch_size" not in params:
         return planned
     return (
@@ -242,7 +248,7 @@ def run_notes(uri: str, run_id: str) -> list[str]:
     the store refused to take (dist_trainer.attempts, REFUSED_TAG)."""
     from dist_trainer.attempts import attempt_history
 
-    tags = _client(uri).get_run(run_id).data.tags
+    tags = mlflow_client(uri).get_run(run_id).data.tags
     notes = []
     history = attempt_history(tags)
     if len(history) > 1:
@@ -274,7 +280,7 @@ def describe_job(plan_text: str, metrics: dict[str, float], notes: list[str] | N
 
 def set_description(uri: str, run_id: str, markdown: str) -> None:
     """The run's description (markdown), shown at the top of its page in the UI."""
-    _client(uri).set_tag(run_id, "mlflow.note.content", markdown[:5000])
+    mlflow_client(uri).set_tag(run_id, "mlflow.note.content", markdown[:5000])
 
 
 def log_table(
@@ -282,12 +288,12 @@ def log_table(
 ) -> None:
     """An MLflow table artifact (shown as a table in the UI's artifact view)."""
     data = {c: [row[i] for row in rows] for i, c in enumerate(columns)}
-    _client(uri).log_table(run_id, data=data, artifact_file=artifact_file)
+    mlflow_client(uri).log_table(run_id, data=data, artifact_file=artifact_file)
 
 
 def run_statuses(uri: str, run_ids: list[str]) -> dict[str, str]:
     """Each run's status (RUNNING, FINISHED, FAILED, KILLED)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     return {run_id: client.get_run(run_id).info.status for run_id in run_ids}
 
 
@@ -299,7 +305,7 @@ def ended_runs(uri: str, run_ids: list[str]) -> set[str]:
 
 def finish_job_run(uri: str, run_id: str, status: str, error: str | None = None) -> None:
     """Mark the run FINISHED / FAILED / KILLED; a failure keeps its reason as a tag."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     if error:
         client.set_tag(run_id, "error", error[:5000])
     client.set_terminated(run_id, status=status)

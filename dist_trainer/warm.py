@@ -280,7 +280,7 @@ def run_in_service(prepared: Any, t_start: float, show_progress: bool = True) ->
 def _run_warm(prepared, state, queue, experiment_id, view, t_start, show_progress) -> Any:
     import ray
 
-    from dist_trainer import driver, report, tracking
+    from dist_trainer import jobs, report, tracking
     from dist_trainer.config import ConfigError
     from dist_trainer.progress import ProgressReporter
     from dist_trainer.ray_cluster import Cluster
@@ -288,8 +288,8 @@ def _run_warm(prepared, state, queue, experiment_id, view, t_start, show_progres
     job, plan, uri = prepared.job, prepared.plan, prepared.tracking_uri
     use_gpu = bool(view["group"].get("use_gpu", False))
     cluster = Cluster(use_gpu, experiment_id)
-    run_id = driver.create_job_run(
-        prepared, cluster, driver._run_name(prepared), {tracking.WORKER_GROUP_TAG: "warm"}
+    run_id = jobs.create_job_run(
+        prepared, cluster, jobs.run_name(prepared), {tracking.WORKER_GROUP_TAG: "warm"}
     )
     _say(f"MLflow run {run_id} in experiment '{job.tracking.experiment}'")
     pids = ", ".join(str(w["pid"]) for w in view["group"].get("workers", {}).values())
@@ -299,10 +299,10 @@ def _run_warm(prepared, state, queue, experiment_id, view, t_start, show_progres
     )
     reporter = ProgressReporter(uri, run_id, enabled=show_progress)
     entry = {
-        "payload": driver.job_payload(prepared, run_id),
+        "payload": jobs.job_payload(prepared, run_id),
         "tracking_uri": uri,
         "run_id": run_id,
-        "name": driver._run_name(prepared),
+        "name": jobs.run_name(prepared),
         "experiment": job.tracking.experiment,
         "submitter_pid": os.getpid(),
         "max_failures": job.scaling.max_failures,
@@ -357,7 +357,7 @@ def _run_warm(prepared, state, queue, experiment_id, view, t_start, show_progres
         tracking.ui_url(uri, experiment_id, run_id),
         notes,
     )
-    return driver.JobResult(
+    return jobs.JobResult(
         run_id,
         job.tracking.experiment,
         uri,

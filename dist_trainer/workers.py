@@ -172,7 +172,7 @@ def train_fn(config: dict[str, Any]) -> None:
         except ConfigError as exc:
             # The user's mistake, found where only a worker sees it (e.g. a model that cannot
             # run on meta tensors): raised without the loop's frames, so Ray prints a short
-            # traceback, and the driver turns it into one line (driver._config_error_in).
+            # traceback, and the driver turns it into one line (jobs.config_error_in).
             raise ConfigError(str(exc)).with_traceback(None) from None
         if info.rank == 0:
             # The driver learns from the store which jobs of the group are done.
