@@ -33,8 +33,8 @@ steps between that checkpoint and the failure run twice; their metrics are logge
   starts at step 0).
 - What differs per attempt (host, pid, the step it resumed from) is a tag of the attempt
   (dist_trainer.attempts), never a param: MLflow refuses to change a param.
-- Every checkpoint closes a log interval (it logs train/* and perf/* at its step, like the end of
-  an epoch), so a replay's intervals are exactly the first attempt's: no logged interval
+- Every checkpoint closes a log interval (it logs train/* and perf/* at its step, as
+  validation does), so a replay's intervals are exactly the first attempt's: no logged interval
   straddles a checkpoint, and every step's samples count in exactly one logged point.
 - `checkpoint/save_s` (state, write and Ray's report, which waits for every rank) is logged at
   each checkpoint's step, `checkpoint/load_s` at the step a resumed attempt starts from.
