@@ -157,7 +157,7 @@ class LoaderConfig:
                 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FedStep:
     """One optimizer step of one rank, on the device.
 

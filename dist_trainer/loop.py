@@ -225,6 +225,7 @@ class Trainer:
         # Read per step: kept as plain ints (not through the config's attribute chain).
         self._log_every = job.trainer.log_every_n_steps
         self._checkpoint_every = job.trainer.checkpoint_every_n_steps
+        self._grad_clip_norm = job.trainer.grad_clip_norm
         self.step = 0  # optimizer steps taken
         self.epoch = 0
         self.step_in_epoch = 0
@@ -331,9 +332,16 @@ class Trainer:
         """One optimizer step: accumulate the micro-steps, all-reduce once, update."""
         micro = step.micro_batches
         scale = self._loss_scale(step)
-        timing = self.probe.begin(
-            self.step, [len(y) for _, y in micro] if self.probe.enabled else []
-        )
+        last = len(micro) - 1
+        if not self.probe.enabled:  # no timing to take: the step alone (most steps, any rank)
+            for i, (x, y) in enumerate(micro):
+                self.interval.add_micro_step(*self._micro_step(x, y, scale, sync=i == last))
+            self._optimizer_step()
+            self.meter.end_step()
+            self.step += 1
+            self.interval.add_step(step.global_count)
+            return
+        timing = self.probe.begin(self.step, [len(y) for _, y in micro])
         if timing.extra:  # compute-only reference for comm/exposed_s; its gradients are dropped
             with timing.time("extra"):
                 self._micro_step(*micro[0], scale, sync=False)
@@ -341,7 +349,7 @@ class Trainer:
         timing.start()
         for i, (x, y) in enumerate(micro):
             with timing.time(i):
-                sums = self._micro_step(x, y, scale, sync=i == len(micro) - 1)
+                sums = self._micro_step(x, y, scale, sync=i == last)
             self.interval.add_micro_step(*sums)
         self._optimizer_step()
         self.meter.end_step()
@@ -350,7 +358,7 @@ class Trainer:
         self.interval.add_step(step.global_count)
 
     def _optimizer_step(self) -> None:
-        clip = self.job.trainer.grad_clip_norm
+        clip = self._grad_clip_norm
         if self.scaler is None:
             if clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)

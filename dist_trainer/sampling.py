@@ -23,7 +23,7 @@ from dist_trainer.batching import BatchPlan
 __all__ = ["GlobalBatchSampler", "StepBatch", "shard_for_rank"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StepBatch:
     """One optimizer step as seen by one rank.
 
