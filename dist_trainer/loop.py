@@ -333,15 +333,9 @@ class Trainer:
         micro = step.micro_batches
         scale = self._loss_scale(step)
         last = len(micro) - 1
-        if not self.probe.enabled:  # no timing to take: the step alone (most steps, any rank)
-            for i, (x, y) in enumerate(micro):
-                self.interval.add_micro_step(*self._micro_step(x, y, scale, sync=i == last))
-            self._optimizer_step()
-            self.meter.end_step()
-            self.step += 1
-            self.interval.add_step(step.global_count)
-            return
-        timing = self.probe.begin(self.step, [len(y) for _, y in micro])
+        timing = self.probe.begin(
+            self.step, [len(y) for _, y in micro] if self.probe.enabled else []
+        )
         if timing.extra:  # compute-only reference for comm/exposed_s; its gradients are dropped
             with timing.time("extra"):
                 self._micro_step(*micro[0], scale, sync=False)
